@@ -1,0 +1,3 @@
+from oodens.cli import main
+
+main()

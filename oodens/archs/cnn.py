@@ -1,0 +1,43 @@
+"""``cnn``: the small convolutional network of the embedded digits benchmark.
+
+Three stages on 8x8 single-channel inputs (8x8 -> 4x4 -> 2x2), global average
+pooling to a 128-d penultimate feature, and a linear head. Trains in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from oodens.archs import register_arch
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class DigitsCNN(nn.Module):
+    feature_dim = 128
+
+    def __init__(self, num_classes: int, in_channels: int = 1):
+        super().__init__()
+        self.layer1 = _block(in_channels, 32)
+        self.layer2 = nn.Sequential(nn.MaxPool2d(2), _block(32, 64))
+        self.layer3 = nn.Sequential(nn.MaxPool2d(2), _block(64, self.feature_dim))
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.fc
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+@register_arch("cnn", folder="CNN")
+def cnn(num_classes: int) -> nn.Module:
+    return DigitsCNN(num_classes)

@@ -1,0 +1,107 @@
+"""Feature-space detectors: fitted on the ID training features (penultimate layer).
+
+Default ensemble strategy ``concat``: concatenate the members' features (per-member
+L2-normalised for knn) and fit on the concatenated ID training features.
+Both work in query chunks so memory stays bounded on large OOD sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from oodens.detectors.base import Detector, param, register_detector
+from oodens.errors import OodensError
+from oodens.views import Views
+
+CHUNK = 8192  # query rows per block
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)
+
+
+@dataclass
+class FeatureDetector(Detector):
+    family = "feature"
+    needs = ("features",)
+    needs_fit = True
+    strategies = ("concat", "mean-features", "mean-scores")
+
+
+@register_detector
+@dataclass
+class KNN(FeatureDetector):
+    """Deep nearest neighbours: ``-|| h/|h| - n_k ||``, with n_k the k-th nearest
+    L2-normalised ID-training feature (exact search with faiss).
+
+    Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
+    """
+
+    name = "knn"
+    k: int = param(50, "k-th nearest neighbour")
+    _index: object = field(default=None, init=False, repr=False, compare=False)
+
+    def member_features(self, features):
+        return l2_normalize(features)
+
+    def fit(self, train: Views) -> "KNN":
+        import faiss
+
+        bank = np.ascontiguousarray(l2_normalize(train.features))
+        if not 1 <= self.k <= len(bank):
+            raise OodensError(f"--knn-k {self.k} is out of range: expected 1..{len(bank)} (the ID training set size)")
+        self._index = faiss.IndexFlatL2(bank.shape[1])
+        self._index.add(bank)
+        return self
+
+    def score(self, views: Views) -> np.ndarray:
+        feats = views.features
+        out = np.empty(len(feats), dtype=np.float64)
+        for s in range(0, len(feats), CHUNK):
+            q = np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK]))
+            dist2, _ = self._index.search(q, self.k)
+            out[s : s + CHUNK] = -np.sqrt(np.maximum(dist2[:, -1], 0.0))
+        return out
+
+
+@register_detector
+@dataclass
+class Mahalanobis(FeatureDetector):
+    """Class-conditional Gaussian with shared covariance:
+    ``-min_c (h - mu_c)^T S^+ (h - mu_c)``, mu_c the ID-train class means (true labels),
+    S the shared covariance of the class-centred features (divided by n), S^+ its pseudo-inverse.
+
+    Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples
+    and Adversarial Attacks", NeurIPS 2018 (penultimate layer, no input preprocessing).
+    """
+
+    name = "mahalanobis"
+    _means: np.ndarray = field(default=None, init=False, repr=False, compare=False)
+    _precision: np.ndarray = field(default=None, init=False, repr=False, compare=False)
+
+    def fit(self, train: Views) -> "Mahalanobis":
+        h = np.asarray(train.features, dtype=np.float64)
+        y = np.asarray(train.labels)
+        classes = np.unique(y)
+        if (y < 0).any():
+            raise OodensError("mahalanobis needs labelled ID training features (labels >= 0)")
+        self._means = np.stack([h[y == c].mean(axis=0) for c in classes])
+        centred = h - self._means[np.searchsorted(classes, y)]
+        cov = centred.T @ centred / len(h)
+        self._precision = np.linalg.pinv(cov, hermitian=True)
+        return self
+
+    def score(self, views: Views) -> np.ndarray:
+        feats = views.features
+        mp = self._means @ self._precision  # (C, D)
+        mpm = np.einsum("cd,cd->c", mp, self._means)
+        out = np.empty(len(feats), dtype=np.float64)
+        for s in range(0, len(feats), CHUNK):
+            h = np.asarray(feats[s : s + CHUNK], dtype=np.float64)
+            hph = np.einsum("nd,nd->n", h @ self._precision, h)
+            d = hph[:, None] - 2.0 * h @ mp.T + mpm[None, :]
+            out[s : s + CHUNK] = -d.min(axis=1)
+        return out

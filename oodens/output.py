@@ -1,0 +1,68 @@
+"""Rendering eval records: the terminal table and the JSON list."""
+
+from __future__ import annotations
+
+import json
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from oodens.evaluate import AVERAGE
+
+COLUMNS = [("fpr95", "FPR95 ↓"), ("auroc", "AUROC ↑"), ("aupr_in", "AUPR-In ↑"), ("aupr_out", "AUPR-Out ↑"),
+           ("id_accuracy", "ID acc ↑")]
+
+CONVENTION = {
+    "id": "ID positive: FPR95 = % of OOD accepted when 95% of ID is kept",
+    "ood": "OOD positive (OpenOOD): FPR95 = % of ID rejected when 95% of OOD is caught",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def detector_table(records: list[dict]) -> Table:
+    """One table for one detector x strategy: per OOD set, a row per mode, mean ± std and the ensemble."""
+    first = records[0]
+    params = ", ".join(f"{k}={v}" for k, v in first["params"].items())
+    title = f"{first['detector']}{f' ({params})' if params else ''} · strategy {first['strategy']}"
+    table = Table(title=title, caption=CONVENTION[first["positive"]] + "; values in %, std over modes",
+                  box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
+    table.add_column("OOD set")
+    table.add_column("member")
+    for _, head in COLUMNS:
+        table.add_column(head, justify="right")
+    oods = list(dict.fromkeys(r["ood"] for r in records))
+    for ood in oods:
+        rows = [r for r in records if r["ood"] == ood]
+        std = next(r for r in rows if r["member"] == "std")
+        for r in rows:
+            if r["member"] == "std":
+                continue
+            if r["member"] == "mean":
+                cells = [f"{_pct(r[k])} ± {_pct(std[k])}" for k, _ in COLUMNS]
+                label, style = "mean ± std", "italic"
+            elif r["member"] == "ensemble":
+                cells = [_pct(r[k]) for k, _ in COLUMNS]
+                label, style = f"ensemble ({r['n_members']})", "bold"
+            else:
+                cells = [_pct(r[k]) for k, _ in COLUMNS]
+                label, style = r["member"], None
+            shown = ood if r is rows[0] else ""
+            table.add_row(shown if ood != AVERAGE else (f"[bold]{shown}[/]" if shown else ""), label, *cells,
+                          style=style, end_section=r["member"] == "ensemble")
+    return table
+
+
+def print_tables(records: list[dict], console: Console) -> None:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["detector"], r["strategy"]), []).append(r)
+    for recs in groups.values():
+        console.print(detector_table(recs))
+
+
+def to_json(records: list[dict]) -> str:
+    return json.dumps(records, indent=2)

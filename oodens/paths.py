@@ -1,0 +1,37 @@
+"""Where oodens keeps things on disk: view cache, results store, shipped modes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "oodens"
+
+
+def default_cache_dir() -> Path:
+    """View cache: ``$XDG_CACHE_HOME/oodens`` (platformdirs elsewhere)."""
+    return Path(platformdirs.user_cache_dir(APP))
+
+
+def default_results_dir() -> Path:
+    """Results store: ``$OODENS_RESULTS``, else ``$XDG_DATA_HOME/oodens/results``."""
+    env = os.environ.get("OODENS_RESULTS")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_data_dir(APP)) / "results"
+
+
+def shipped_modes_dir() -> Path:
+    """The five digits CNN modes that ship with oodens.
+
+    Installed wheels carry them inside the package (``oodens/_checkpoints``); a
+    source checkout or editable install finds them at the repository top level.
+    """
+    here = Path(__file__).resolve().parent
+    for root in (here / "_checkpoints", here.parent / "checkpoints"):
+        candidate = root / "Digits" / "CNN"
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "checkpoints" / "Digits" / "CNN"
