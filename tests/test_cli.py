@@ -1,0 +1,204 @@
+"""The command line: eval output, JSON, saved scores, results store, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from oodens.archs import ARCH_FOLDERS, ARCHS, register_arch
+from oodens.cli import main
+from oodens.metrics import ood_metrics
+
+from conftest import snapshot
+
+RECORD_KEYS = {"detector", "strategy", "member", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
+
+
+def run(args, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_table_names_modes_mean_std_ensemble_and_convention(two_modes, tmp_path, capsys):
+    code, out, err = run(["eval", "--modes", str(two_modes), "--cache-dir", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    for text in ("seed-1000", "seed-1100", "mean ± std", "ensemble (2)", "digits-6789", "letters", "noise",
+                 "average", "FPR95", "AUROC", "AUPR-In", "AUPR-Out", "ID acc", "ID positive"):
+        assert text in out
+    assert "10 extracted" in err
+
+
+def test_eval_json_records_save_scores_and_results_store(two_modes, tmp_path, capsys):
+    args = ["eval", "--modes", str(two_modes), "--detector", "msp", "--json", "--cache-dir", str(tmp_path / "c"),
+            "--save-scores", str(tmp_path / "scores"), "--results", str(tmp_path / "res")]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    recs = json.loads(out)
+    assert all(RECORD_KEYS <= r.keys() for r in recs)
+    members = {r["member"] for r in recs}
+    assert members == {"seed-1000", "seed-1100", "mean", "std", "ensemble"}
+    assert {r["ood"] for r in recs} == {"digits-6789", "letters", "noise", "average"}
+    assert all(0.0 <= r[k] <= 1.0 for r in recs for k in ("fpr95", "auroc", "aupr_in", "aupr_out"))
+
+    # ensemble scores = max softmax of the averaged logits, recomputed from exported views
+    code, _, _ = run(["extract", "--modes", str(two_modes), "--cache-dir", str(tmp_path / "c"),
+                      "--export", str(tmp_path / "views")], capsys)
+    assert code == 0
+    v = tmp_path / "views"
+    for ds, split in (("digits", "test"), ("noise", "test")):
+        z = np.mean([np.load(v / m / ds / split / "logits.npy").astype(np.float64)
+                     for m in ("seed-1000", "seed-1100")], axis=0)
+        saved = np.load(tmp_path / "scores" / "msp-mean-logits" / "ensemble" / f"{ds}.npy")
+        np.testing.assert_allclose(saved, softmax(z, axis=1).max(1), rtol=1e-6)
+    ens = next(r for r in recs if r["member"] == "ensemble" and r["ood"] == "noise")
+    ref = ood_metrics(softmax(np.mean([np.load(v / m / "digits" / "test" / "logits.npy").astype(np.float64)
+                                       for m in ("seed-1000", "seed-1100")], 0), axis=1).max(1),
+                      np.load(tmp_path / "scores" / "msp-mean-logits" / "ensemble" / "noise.npy"))
+    assert ens["auroc"] == pytest.approx(ref["auroc"]) and ens["fpr95"] == pytest.approx(ref["fpr95"])
+
+    # the results store holds this run; the same settings again replace it instead of duplicating
+    runs = list((tmp_path / "res" / "runs").glob("*.json"))
+    assert len(runs) == 1
+    assert json.loads(runs[0].read_text())["records"][0]["detector"] == "msp"
+    run(args, capsys)
+    assert len(list((tmp_path / "res" / "runs").glob("*.json"))) == 1
+    run(args[:4] + ["knn"] + args[5:], capsys)
+    assert len(list((tmp_path / "res" / "runs").glob("*.json"))) == 2
+
+
+def test_eval_defaults_use_xdg_locations(two_modes, tmp_path, capsys):
+    code, _, err = run(["eval", "--modes", str(two_modes), "--detector", "energy", "--ood", "noise"], capsys)
+    assert code == 0, err
+    assert list((tmp_path / "xdg-cache" / "oodens" / "views").rglob("meta.json"))
+    assert list((tmp_path / "xdg-data" / "oodens" / "results" / "runs").glob("*.json"))
+
+
+def test_positive_ood_changes_only_fpr95(two_modes, tmp_path, capsys):
+    base = ["eval", "--modes", str(two_modes), "--json", "--detector", "energy", "--cache-dir", str(tmp_path / "c")]
+    _, a, _ = run(base, capsys)
+    _, b, _ = run(base + ["--positive", "ood"], capsys)
+    ra, rb = json.loads(a), json.loads(b)
+    assert [r["auroc"] for r in ra] == [r["auroc"] for r in rb]
+    assert [r["fpr95"] for r in ra] != [r["fpr95"] for r in rb]
+    assert all(r["positive"] == "ood" for r in rb)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def warm_cache(two_modes, tmp_path, capsys):
+    cache = tmp_path / "c"
+    code, _, err = run(["extract", "--modes", str(two_modes), "--cache-dir", str(cache)], capsys)
+    assert code == 0, err
+    return cache
+
+
+def _bad(args, cache, capsys, *expected):
+    before = snapshot(cache)
+    code, out, err = run(args + ["--cache-dir", str(cache)], capsys)
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("oodens: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err  # one line, the last thing printed
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert snapshot(cache) == before, "a bad input touched the cache"
+    return errors[0]
+
+
+def test_missing_folder(warm_cache, tmp_path, capsys):
+    _bad(["eval", "--modes", str(tmp_path / "nope")], warm_cache, capsys, "nope", "does not exist")
+
+
+def test_folder_without_modes(warm_cache, tmp_path, capsys):
+    (tmp_path / "empty" / "seed-1").mkdir(parents=True)
+    _bad(["eval", "--modes", str(tmp_path / "empty")], warm_cache, capsys, "no modes in", "checkpoint.pth.tar")
+
+
+def test_unreadable_checkpoint(warm_cache, two_modes, capsys):
+    ckpt = two_modes / "seed-1100" / "checkpoint.pth.tar"
+    ckpt.write_bytes(b"this is not a checkpoint at all")
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "cannot read checkpoint", str(ckpt))
+
+
+def test_truncated_checkpoint(warm_cache, two_modes, capsys):
+    ckpt = two_modes / "seed-1000" / "checkpoint.pth.tar"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    _bad(["extract", "--modes", str(two_modes)], warm_cache, capsys, "cannot read checkpoint", str(ckpt))
+
+
+def test_checkpoint_of_wrong_shape(warm_cache, two_modes, capsys):
+    ckpt = two_modes / "seed-1000" / "checkpoint.pth.tar"
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["fc.weight"] = torch.zeros(6, 64)
+    torch.save(state, ckpt)
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "does not fit architecture", "fc.weight")
+
+
+def test_modes_with_different_class_counts(warm_cache, two_modes, capsys):
+    side = two_modes / "seed-1100" / "oodens.json"
+    meta = json.loads(side.read_text())
+    meta["num_classes"] = 10
+    side.write_text(json.dumps(meta))
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "seed-1100", "num_classes", "10", "6")
+
+
+def test_modes_with_different_architectures(warm_cache, two_modes, capsys, monkeypatch):
+    monkeypatch.setitem(ARCHS, "other", ARCHS["cnn"])
+    monkeypatch.setitem(ARCH_FOLDERS, "OTHER", "other")
+    side = two_modes / "seed-1100" / "oodens.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), "arch": "other"}))
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "seed-1100", "arch", "'other'", "'cnn'")
+
+
+def test_several_checkpoints_in_one_mode_folder(warm_cache, two_modes, capsys):
+    shutil.copy(two_modes / "seed-1000" / "checkpoint.pth.tar", two_modes / "seed-1000" / "other.pt")
+    shutil.copy(two_modes / "seed-1000" / "checkpoint.pth.tar", two_modes / "seed-1000" / "more.pth")
+    (two_modes / "seed-1000" / "checkpoint.pth.tar").unlink()
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "several checkpoints", "seed-1000")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--detector", "nosuch"], ("unknown detector 'nosuch'", "msp")),
+        (["--detector", "msp,nosuch"], ("unknown detector 'nosuch'",)),
+        (["--strategy", "median"], ("unknown strategy 'median'", "mean-logits")),
+        (["--detector", "knn", "--strategy", "mean-logits"], ("'mean-logits' does not apply to detector 'knn'",
+                                                               "concat")),
+        (["--ood", "noise,mnist"], ("unknown OOD set 'mnist'", "digits-6789")),
+        (["--positive", "both"], ("--positive", "id, ood")),
+        (["--benchmark", "imagenet21k"], ("unknown benchmark 'imagenet21k'", "digits")),
+        (["--knn-k", "100000", "--detector", "knn"], ("--knn-k 100000", "1..")),
+    ],
+)
+def test_bad_eval_options(warm_cache, two_modes, capsys, args, expected):
+    _bad(["eval", "--modes", str(two_modes)] + args, warm_cache, capsys, *expected)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from oodens.errors import OodensError
+
+    with pytest.raises(OodensError):
+        main(["eval", "--modes", str(tmp_path / "nope"), "--debug"])
+
+
+def test_help_lists_detector_hyperparameters(capsys):
+    code, out, _ = run(["eval", "--help"], capsys)
+    assert code == 0
+    assert "--knn-k" in out and "--energy-temperature" in out
