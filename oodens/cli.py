@@ -137,6 +137,12 @@ def eval_cmd(
     cache_dir: Optional[Path] = CacheOpt,
     results: Optional[Path] = typer.Option(None, "--results", envvar="OODENS_RESULTS", help="Results store "
                                            "folder. Default: $XDG_DATA_HOME/oodens/results.", show_default=False),
+    ensemble_size: Optional[str] = typer.Option(None, "--ensemble-size", help="Also score every k-of-N subset of "
+                                                "the modes (k, a comma list, or 'all' for 1..N) and report mean ± std "
+                                                "over subsets.", show_default=False),
+    max_subsets: int = typer.Option(100, "--max-subsets", min=1, help="Most subsets per k (a seeded sample when "
+                                    "there are more)."),
+    subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset sample."),
     batch_size: int = BatchOpt,
     device: str = DeviceOpt,
     **detector_params,
@@ -154,15 +160,23 @@ def eval_cmd(
     if positive not in POSITIVES:
         raise OodensError(f"--positive {positive!r}: expected one of {', '.join(POSITIVES)}")
     names = parse_detectors(detector)
-    if strategy is not None:
-        from oodens.strategies import resolve_strategy
+    explicit = detector.strip() != "all"
+    if strategy is not None:  # 'all' applies --strategy where it fits and each detector's default elsewhere
+        from oodens.strategies import STRATEGIES, resolve_strategy
 
-        for n in names:
+        if strategy not in STRATEGIES:
+            raise OodensError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+        for n in names if explicit else []:
             resolve_strategy(get_detector(n), strategy)
     modes, bench, cache = _setup(modes_dir, benchmark, cache_dir)
+    sizes = _ensemble_sizes(ensemble_size, len(modes))
+    member_meta = [{**m.sidecar, "name": m.name} for m in modes]
+    names = _applicable(names, member_meta, explicit)
+    params = {n: {f.name: detector_params[f"{n}_{f.name}"] for f in get_detector(n).params()} for n in names}
+    specs = [s for n in names for s in get_detector(n)(**params[n]).view_specs()]
     oods = bench.select_ood([s.strip() for s in ood.split(",")] if ood else None)
     sources = [bench.id_train, bench.id_test, *oods.values()]
-    ex = run_extract(modes, sources, cache, batch_size=batch_size, device=device)
+    ex = run_extract(modes, sources, cache, batch_size=batch_size, device=device, specs=specs)
     stderr.print(f"views: {ex.computed} extracted, {ex.cached} from cache ({cache.root})")
 
     members = [m.name for m in modes]
@@ -178,11 +192,12 @@ def eval_cmd(
     all_records = []
     results_dir = results or default_results_dir()
     for n in names:
-        params = {f.name: detector_params[f"{n}_{f.name}"] for f in get_detector(n).params()}
-        run = evaluate_detector(n, params, strategy, members, train_v, test_v, ood_v, positive)
+        run = evaluate_detector(n, params[n], strategy if strategy in get_detector(n).strategies else None, members,
+                                train_v, test_v, ood_v, positive, sizes, max_subsets, subset_seed)
         records = [{"benchmark": bench.name, **r} for r in run.records]
         settings = {**common, "detector": n, "strategy": run.strategy, "params": run.params,
-                    "positive": positive, "ood_sets": list(oods)}
+                    "positive": positive, "ood_sets": list(oods), "ensemble_sizes": sizes,
+                    "max_subsets": max_subsets, "subset_seed": subset_seed}
         save_run(results_dir, settings, records)
         all_records.extend(records)
         if save_scores:
@@ -198,6 +213,36 @@ def eval_cmd(
         stdout.print(f"[bold]{bench.name}[/] · {len(modes)} modes of {modes[0].arch} from {common['modes']}")
         print_tables(all_records, stdout)
     stderr.print(f"results stored in {results_dir}")
+
+
+def _ensemble_sizes(spec: Optional[str], n: int) -> list[int]:
+    """``--ensemble-size``: None, ``k``, ``a,b`` or ``all`` -> sizes in 1..n."""
+    if not spec:
+        return []
+    if spec.strip() == "all":
+        return list(range(1, n + 1))
+    try:
+        sizes = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise OodensError(f"--ensemble-size {spec!r}: expected k, a comma list of k, or 'all'") from None
+    bad = [k for k in sizes if not 1 <= k <= n]
+    if bad or not sizes:
+        raise OodensError(f"--ensemble-size {spec!r}: expected sizes in 1..{n} (the number of modes)")
+    return sorted(set(sizes))
+
+
+def _applicable(names: list[str], members: list[dict], explicit: bool) -> list[str]:
+    """Detectors that apply to these members; a named one that does not is an error, 'all' skips it."""
+    keep = []
+    for n in names:
+        why = get_detector(n).applies_to(members)
+        if why is None:
+            keep.append(n)
+        elif explicit:
+            raise OodensError(why)
+        else:
+            stderr.print(f"skipping {n}: {why}")
+    return keep
 
 
 def _with_detector_options(func):

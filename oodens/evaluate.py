@@ -1,20 +1,24 @@
 """Scoring: detectors per member and per ensemble strategy, metrics, and the records eval prints and stores.
 
-Records are flat dicts (one per detector x strategy x member-row x OOD set):
-``member`` is a mode name, ``"mean"``, ``"std"`` (over modes, sample std) or
-``"ensemble"``; ``ood`` is an OOD set name or ``"average"`` (mean over the OOD sets,
-taken per member before mean/std; only when there are several sets). Metric values are fractions.
+Records are flat dicts (one per detector x strategy x row x OOD set). ``member`` is a
+mode name, ``"mean"``/``"std"`` (over modes, sample std), ``"ensemble"``, or for the
+ensemble-size sweep ``"subsets-<k>-mean"``/``"subsets-<k>-std"`` (over the k-of-N
+subsets, with ``n_subsets``). ``ood`` is an OOD set name or ``"average"`` (mean over
+the OOD sets, taken per row before mean/std; only when there are several sets).
+Metric values are fractions.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from oodens.detectors import get_detector
 from oodens.metrics import METRICS, accuracy, ood_metrics
-from oodens.strategies import ensemble_scores, mean_logits, resolve_strategy
+from oodens.strategies import ensemble_scores, resolve_strategy
 from oodens.views import Views
 
 AVERAGE = "average"
@@ -31,8 +35,26 @@ class DetectorRun:
     scores: dict[str, dict[str, np.ndarray]] = field(repr=False)
 
 
-def _std(values: np.ndarray) -> float:
+def _std(values) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def subsets(n: int, k: int, max_subsets: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """Every k-of-n subset (sorted), or a seeded sample of ``max_subsets`` distinct ones when there are more."""
+    if math.comb(n, k) <= max_subsets:
+        return list(itertools.combinations(range(n), k))
+    rng = np.random.default_rng(seed)
+    chosen: set[tuple[int, ...]] = set()
+    while len(chosen) < max_subsets:
+        chosen.add(tuple(sorted(rng.choice(n, size=k, replace=False).tolist())))
+    return sorted(chosen)
+
+
+def _metrics(scores: dict[str, np.ndarray], oods, positive: str) -> dict[str, dict[str, float]]:
+    out = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in oods}
+    if len(oods) > 1:
+        out[AVERAGE] = {k: float(np.mean([out[o][k] for o in oods])) for k in METRICS}
+    return out
 
 
 def evaluate_detector(
@@ -44,50 +66,75 @@ def evaluate_detector(
     id_test: list[Views],
     oods: dict[str, list[Views]],
     positive: str = "id",
+    ensemble_sizes: list[int] = (),
+    max_subsets: int = 100,
+    seed: int = 0,
 ) -> DetectorRun:
-    """Score one detector for every member and for the ensemble; compute every metric."""
+    """Score one detector for every member and for the ensemble; compute every metric.
+
+    ``ensemble_sizes`` adds, for each k, mean and std of the metrics over k-of-N subsets
+    of the members (all of them, or a seeded sample of ``max_subsets``).
+    """
     cls = get_detector(name)
     strategy = resolve_strategy(cls, strategy)
 
     def make():
         return cls(**params)
 
-    per_member: dict[str, dict[str, np.ndarray]] = {}
-    for i, m in enumerate(members):
+    fitted = []
+    for i in range(len(members)):
         det = make()
-        if det.needs_fit:
+        if det.needs_fit and not cls.ensemble_only:
             det.fit(train[i])
-        per_member[m] = {ID_KEY: det.score(id_test[i])}
-        per_member[m].update({o: det.score(v[i]) for o, v in oods.items()})
+        fitted.append(det)
     evals = {ID_KEY: id_test, **oods}
-    member_scores = {k: [per_member[m][k] for m in members] for k in evals}
-    ens = ensemble_scores(strategy, make, train, evals, member_scores)
+    per_member: dict[str, dict[str, np.ndarray]] = {}
+    if not cls.ensemble_only:
+        for i, m in enumerate(members):
+            per_member[m] = {k: fitted[i].score(v[i]) for k, v in evals.items()}
+    ens = ensemble_scores(strategy, make, fitted, train, evals)
 
     labels = np.asarray(id_test[0].labels)
     acc = {m: accuracy(np.asarray(id_test[i].logits), labels) for i, m in enumerate(members)}
-    acc["ensemble"] = accuracy(mean_logits(id_test, None).logits, labels)
+    acc["ensemble"] = accuracy(np.mean([np.asarray(v.logits, dtype=np.float64) for v in id_test], axis=0), labels)
 
-    # metrics[row][ood] = dict of metric values
-    metrics: dict[str, dict[str, dict[str, float]]] = {}
-    for row, scores in [*per_member.items(), ("ensemble", ens)]:
-        metrics[row] = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in oods}
-        if len(oods) > 1:
-            metrics[row][AVERAGE] = {k: float(np.mean([metrics[row][o][k] for o in oods])) for k in METRICS}
+    metrics = {row: _metrics(s, oods, positive) for row, s in [*per_member.items(), ("ensemble", ens)]}
+    rows_oods = list(metrics["ensemble"])
 
     base = {"detector": name, "strategy": strategy, "params": dict(make().settings()), "positive": positive,
             "n_members": len(members)}
     records = []
-    for ood in [*oods, AVERAGE] if len(oods) > 1 else list(oods):
-        for m in members:
-            records.append({**base, "member": m, "ood": ood, **metrics[m][ood], "id_accuracy": acc[m]})
-        stacked = {k: np.array([metrics[m][ood][k] for m in members]) for k in METRICS}
-        accs = np.array([acc[m] for m in members])
-        records.append({**base, "member": "mean", "ood": ood, **{k: float(v.mean()) for k, v in stacked.items()},
-                        "id_accuracy": float(accs.mean())})
-        records.append({**base, "member": "std", "ood": ood, **{k: _std(v) for k, v in stacked.items()},
-                        "id_accuracy": _std(accs)})
+    for ood in rows_oods:
+        if per_member:
+            for m in members:
+                records.append({**base, "member": m, "ood": ood, **metrics[m][ood], "id_accuracy": acc[m]})
+            stacked = {k: [metrics[m][ood][k] for m in members] for k in METRICS}
+            accs = [acc[m] for m in members]
+            records.append({**base, "member": "mean", "ood": ood, **{k: float(np.mean(v)) for k, v in stacked.items()},
+                            "id_accuracy": float(np.mean(accs))})
+            records.append({**base, "member": "std", "ood": ood, **{k: _std(v) for k, v in stacked.items()},
+                            "id_accuracy": _std(accs)})
         records.append({**base, "member": "ensemble", "ood": ood, **metrics["ensemble"][ood],
                         "id_accuracy": acc["ensemble"]})
+
+    for k in ensemble_sizes:
+        if cls.ensemble_only and k < 2:
+            continue
+        chosen = subsets(len(members), k, max_subsets, seed)
+        per_subset = []
+        for sub in chosen:
+            s = ensemble_scores(strategy, make, [fitted[i] for i in sub], [train[i] for i in sub],
+                                {key: [v[i] for i in sub] for key, v in evals.items()})
+            per_subset.append(_metrics(s, oods, positive))
+        sub_acc = [accuracy(np.mean([np.asarray(id_test[i].logits, dtype=np.float64) for i in sub], axis=0), labels)
+                   for sub in chosen]
+        for ood in rows_oods:
+            vals = {key: [ms[ood][key] for ms in per_subset] for key in METRICS}
+            extra = {"n_subsets": len(chosen), "ensemble_size": k}
+            records.append({**base, "member": f"subsets-{k}-mean", "ood": ood, **extra,
+                            **{key: float(np.mean(v)) for key, v in vals.items()}, "id_accuracy": float(np.mean(sub_acc))})
+            records.append({**base, "member": f"subsets-{k}-std", "ood": ood, **extra,
+                            **{key: _std(v) for key, v in vals.items()}, "id_accuracy": _std(sub_acc)})
 
     scores = {m: {("id" if k == ID_KEY else k): v for k, v in s.items()} for m, s in per_member.items()}
     scores["ensemble"] = {("id" if k == ID_KEY else k): v for k, v in ens.items()}

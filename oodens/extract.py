@@ -1,9 +1,9 @@
-"""Extraction: the only place a network runs. One forward pass per mode and dataset.
+"""Extraction: the only place a network runs. One pass per mode, dataset split and view kind.
 
-For each mode and each dataset split that has no complete view in the cache, the
-network is loaded once and every missing split is streamed through it, batch by
-batch, into memory-mapped arrays (memory does not grow with the dataset beyond the
-views themselves). Cached views are never touched.
+For each mode, every (split, view kind) that has no complete view in the cache is
+computed with the network loaded once, batch by batch, into memory-mapped arrays
+(memory does not grow with the dataset beyond the views themselves). Cached views
+are never touched. The mode's final layer (``head``: weight, bias) is cached too.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from oodens import __version__
 from oodens.data import DataSource, get_preset
 from oodens.modes import Mode
 from oodens.progress import progress_bar
-from oodens.views import ARRAYS, ViewCache, Views
+from oodens.viewkinds import VIEW_KINDS
+from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec
 
 Split = tuple[str, str]  # (dataset name, split)
+HEAD_SOURCE = {"name": "head", "split": "model"}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,7 +37,6 @@ class Extraction:
     """Views of every (mode, split), and how many were computed vs read from the cache."""
 
     views: dict[str, dict[Split, Views]] = field(default_factory=dict)
-    paths: dict[str, dict[Split, Path]] = field(default_factory=dict)
     computed: int = 0
     cached: int = 0
 
@@ -43,25 +44,37 @@ class Extraction:
         return self.views[mode][(source.name, source.split)]
 
 
-def _forward_into(model: torch.nn.Module, source: DataSource, writer, preset, batch_size: int, device, on_batch):
+def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, batch_size: int, device, on_batch):
+    fn = VIEW_KINDS[spec.kind]
+    params = dict(spec.params)
     n = len(source)
-    logits = features = None
-    labels = writer.allocate("labels", (n,), np.int64)
+    out: dict[str, np.ndarray] = {}
+    labels = writer.allocate("labels", (n,), np.int64) if spec == BASE else None
     start = 0
-    with torch.inference_mode():
-        for x, y in source.loader(preset, batch_size):
-            x = x.to(device, non_blocking=True)
-            h = model.forward_features(x)
-            z = model.classifier(h)
-            if logits is None:
-                logits = writer.allocate("logits", (n, z.shape[1]), np.float32)
-                features = writer.allocate("features", (n, h.shape[1]), np.float32)
-            stop = start + len(y)
-            logits[start:stop] = z.float().cpu().numpy()
-            features[start:stop] = h.float().cpu().numpy()
+    for x, y in source.loader(preset, batch_size):
+        arrays = fn(model, x.to(device, non_blocking=True), preset, **params)
+        stop = start + len(y)
+        for name, t in arrays.items():
+            if name not in out:
+                out[name] = writer.allocate(name, (n, *t.shape[1:]), np.float32)
+            out[name][start:stop] = t.detach().float().cpu().numpy()
+        if labels is not None:
             labels[start:stop] = y.numpy()
-            start = stop
-            on_batch()
+        start = stop
+        on_batch()
+
+
+def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec) -> dict:
+    return {
+        "mode": mode.name,
+        "checkpoint": str(mode.checkpoint),
+        "checkpoint_sha256": mode.sha256,
+        "arch": mode.arch,
+        "dataset": dataset,
+        "preset": preset.identity(),
+        "view": spec.identity(),
+        "oodens_version": __version__,
+    }
 
 
 def extract(
@@ -70,51 +83,53 @@ def extract(
     cache: ViewCache,
     batch_size: int = 256,
     device: str = "auto",
+    specs: list[ViewSpec] | None = None,
 ) -> Extraction:
-    """Make sure every (mode, source) view is in the cache; return them all (memory-mapped)."""
+    """Make sure every (mode, source, view spec) and every mode's head is cached; return them (memory-mapped).
+
+    ``specs`` defaults to the base view only; the base view is always included.
+    """
+    specs = list(dict.fromkeys([BASE, *(specs or [])]))
     dev = resolve_device(device)
     result = Extraction()
-    todo: dict[str, list[tuple[DataSource, Path]]] = {}
+    paths: dict[str, dict[tuple[Split, ViewSpec], Path]] = {}
+    head_paths: dict[str, Path] = {}
+    todo: dict[str, list[tuple[DataSource, ViewSpec, Path]]] = {}
+    need_head: set[str] = set()
     for mode in modes:
         preset = get_preset(mode.preset)
-        result.views[mode.name] = {}
-        result.paths[mode.name] = {}
+        paths[mode.name] = {}
         for src in sources:
-            path = cache.path(mode.sha256, src.identity(), preset.identity())
-            result.paths[mode.name][(src.name, src.split)] = path
-            if ViewCache.is_complete(path):
-                result.cached += 1
-            else:
-                todo.setdefault(mode.name, []).append((src, path))
-    total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _ in jobs)
+            for spec in specs:
+                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec)
+                paths[mode.name][((src.name, src.split), spec)] = path
+                if ViewCache.is_complete(path):
+                    result.cached += 1
+                else:
+                    todo.setdefault(mode.name, []).append((src, spec, path))
+        head_paths[mode.name] = cache.path(mode.sha256, HEAD_SOURCE, {}, HEAD)
+        if not ViewCache.is_complete(head_paths[mode.name]):
+            need_head.add(mode.name)
+    total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _, _ in jobs)
     with progress_bar() as bar:
         task = bar.add_task("extracting", total=total_batches, info="")
         for mode in modes:
-            jobs = todo.get(mode.name)
-            if not jobs:
+            jobs = todo.get(mode.name, [])
+            if not jobs and mode.name not in need_head:
                 continue
             preset = get_preset(mode.preset)
             model = mode.load().to(dev)
-            for src, path in jobs:
+            if mode.name in need_head:
+                _write_head(model, head_paths[mode.name], _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
+            for src, spec, path in jobs:
                 cache.clean_stale(path.parent)
                 if ViewCache.is_complete(path):  # another process finished it meanwhile
                     result.cached += 1
                     continue
-                bar.update(task, info=f"{mode.name} / {src.name}-{src.split}")
-                meta = {
-                    "mode": mode.name,
-                    "checkpoint": str(mode.checkpoint),
-                    "checkpoint_sha256": mode.sha256,
-                    "arch": mode.arch,
-                    "dataset": src.identity(),
-                    "preset": preset.identity(),
-                    "view": "base",
-                    "arrays": list(ARRAYS),
-                    "oodens_version": __version__,
-                }
-                writer = cache.writer(path, meta)
+                bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
+                writer = cache.writer(path, _meta(mode, src.identity(), preset, spec))
                 try:
-                    _forward_into(model, src, writer, preset, batch_size, dev, lambda: bar.advance(task))
+                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task))
                     writer.commit()
                 except BaseException:
                     writer.abort()
@@ -122,9 +137,30 @@ def extract(
                 result.computed += 1
             del model
     for mode in modes:
-        for split, path in result.paths[mode.name].items():
-            result.views[mode.name][split] = ViewCache.read(path)
+        head = ViewCache.read(head_paths[mode.name])
+        result.views[mode.name] = {}
+        for src in sources:
+            split = (src.name, src.split)
+            base = ViewCache.read(paths[mode.name][(split, BASE)])
+            extra = {s.id: ViewCache.read(paths[mode.name][(split, s)])["logits"] for s in specs if s != BASE}
+            result.views[mode.name][split] = Views(
+                logits=base["logits"], features=base["features"], labels=base["labels"],
+                weight=head["weight"], bias=head["bias"], extra=extra,
+            )
     return result
+
+
+def _write_head(model, path: Path, meta: dict, cache: ViewCache) -> None:
+    w = model.classifier.weight.detach().float().cpu().numpy()
+    b = model.classifier.bias.detach().float().cpu().numpy()
+    writer = cache.writer(path, meta)
+    try:
+        writer.allocate("weight", w.shape, np.float32)[:] = w
+        writer.allocate("bias", b.shape, np.float32)[:] = b
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def export_views(extraction: Extraction, out: Path) -> None:
@@ -133,7 +169,5 @@ def export_views(extraction: Extraction, out: Path) -> None:
         for (name, split), views in by_split.items():
             folder = Path(out) / mode / name / split
             folder.mkdir(parents=True, exist_ok=True)
-            for arr in ARRAYS:
-                a = getattr(views, arr)
-                if a is not None:
-                    np.save(folder / f"{arr}.npy", np.asarray(a), allow_pickle=False)
+            for arr in ("logits", "features", "labels"):
+                np.save(folder / f"{arr}.npy", np.asarray(getattr(views, arr)), allow_pickle=False)

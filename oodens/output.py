@@ -37,22 +37,27 @@ def detector_table(records: list[dict]) -> Table:
     oods = list(dict.fromkeys(r["ood"] for r in records))
     for ood in oods:
         rows = [r for r in records if r["ood"] == ood]
-        std = next(r for r in rows if r["member"] == "std")
-        for r in rows:
-            if r["member"] == "std":
-                continue
-            if r["member"] == "mean":
+        by_member = {r["member"]: r for r in rows}
+        shown_rows = [r for r in rows if not (r["member"] == "std" or r["member"].endswith("-std"))]
+        shown = False
+        for r in shown_rows:
+            m = r["member"]
+            if m == "mean" or m.endswith("-mean"):
+                std = by_member[m[: -len("mean")] + "std"]
                 cells = [f"{_pct(r[k])} ± {_pct(std[k])}" for k, _ in COLUMNS]
-                label, style = "mean ± std", "italic"
-            elif r["member"] == "ensemble":
+                if m == "mean":
+                    label, style = "mean ± std", "italic"
+                else:
+                    label, style = f"k={r['ensemble_size']} ({r['n_subsets']} subsets)", "dim"
+            elif m == "ensemble":
                 cells = [_pct(r[k]) for k, _ in COLUMNS]
                 label, style = f"ensemble ({r['n_members']})", "bold"
             else:
                 cells = [_pct(r[k]) for k, _ in COLUMNS]
-                label, style = r["member"], None
-            shown = ood if r is rows[0] else ""
-            table.add_row(shown if ood != AVERAGE else (f"[bold]{shown}[/]" if shown else ""), label, *cells,
-                          style=style, end_section=r["member"] == "ensemble")
+                label, style = m, None
+            first = "" if shown else (f"[bold]{ood}[/]" if ood == AVERAGE else ood)
+            shown = True
+            table.add_row(first, label, *cells, style=style, end_section=r is shown_rows[-1])
     return table
 
 

@@ -1,15 +1,20 @@
 """Mode-ensemble strategies (DESIGN.md section 6): how members become one ensemble score.
 
 Two kinds:
-- view strategies combine the members' views into one ``Views`` and a fresh
-  detector is fitted and scored on it (``mean-logits``, ``mean-probs``, ``concat``,
-  ``mean-features``);
-- ``mean-scores`` averages the members' own scores.
+- member strategies combine the members' already-fitted detectors:
+  ``mean-logits`` (average each member's logits, as that detector reads them, then
+  score: plain logits, ODIN/RankFeat views, DICE/ReAct/ASH-shaped logits; GradNorm
+  takes its loss on the averaged logits), ``mean-probs`` (average softmax
+  probabilities), ``mean-scores`` (average the members' scores), ``ensemble``
+  (detectors defined on the whole ensemble: pds, mi, eloc);
+- refit strategies combine the members' views into one ``Views`` and fit a fresh
+  detector on the combined ID-train views: ``concat`` and ``mean-features``.
 Which strategies a detector supports is declared by the detector (its first is the default).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -19,44 +24,65 @@ from oodens.detectors import Detector
 from oodens.errors import OodensError
 from oodens.views import Views
 
-Combine = Callable[[list[Views], Detector], Views]
-
 
 def _labels(members: list[Views]):
     return members[0].labels
 
 
-def mean_logits(members: list[Views], detector: Detector) -> Views:
-    """z_ens = mean_n z_n."""
-    return Views(logits=np.mean([np.asarray(v.logits, dtype=np.float64) for v in members], axis=0), labels=_labels(members))
+def mean_logits(dets: list[Detector], views: list[Views]) -> np.ndarray:
+    """score(mean_n z_n), z_n the logits member n's detector reads."""
+    z = np.mean([d.member_logits(v) for d, v in zip(dets, views)], axis=0)
+    return dets[0].score_mean_logits(z, dets, views)
 
 
-def mean_probs(members: list[Views], detector: Detector) -> Views:
-    """p_ens = mean_n softmax(z_n), passed on as logits log p_ens (softmax(log p) = p)."""
-    p = np.mean([softmax(np.asarray(v.logits, dtype=np.float64), axis=1) for v in members], axis=0)
-    return Views(logits=np.log(np.maximum(p, np.finfo(np.float64).tiny)), labels=_labels(members))
+def mean_probs(dets: list[Detector], views: list[Views]) -> np.ndarray:
+    """score(log mean_n softmax(z_n)): softmax(log p_bar) = p_bar."""
+    p = np.mean([softmax(d.member_logits(v), axis=1) for d, v in zip(dets, views)], axis=0)
+    return dets[0].score_logits(np.log(np.maximum(p, np.finfo(np.float64).tiny)))
+
+
+def mean_scores(dets: list[Detector], views: list[Views]) -> np.ndarray:
+    """mean_n s_n."""
+    return np.mean([d.score(v) for d, v in zip(dets, views)], axis=0)
+
+
+def whole_ensemble(dets: list[Detector], views: list[Views]) -> np.ndarray:
+    """The detector's own definition on all members (pds, mi, eloc)."""
+    return dets[0].score_ensemble(views)
 
 
 def concat(members: list[Views], detector: Detector) -> Views:
     """h_ens = [t(h_1), ..., t(h_N)], t the detector's per-member transform (L2 norm for knn)."""
-    return Views(
-        features=np.concatenate([detector.member_features(v.features) for v in members], axis=1),
-        labels=_labels(members),
-    )
+    return Views(features=np.concatenate([detector.member_features(v.features) for v in members], axis=1),
+                 labels=_labels(members))
 
 
 def mean_features(members: list[Views], detector: Detector) -> Views:
     """h_ens = mean_n h_n (raw features, as the mode-ensemble paper's KNN code)."""
-    return Views(features=np.mean([np.asarray(v.features, dtype=np.float32) for v in members], axis=0), labels=_labels(members))
+    return Views(features=np.mean([np.asarray(v.features, dtype=np.float32) for v in members], axis=0),
+                 labels=_labels(members))
 
 
-#: strategy name -> view combiner; ``mean-scores`` is the score-level strategy (None).
-STRATEGIES: dict[str, Combine | None] = {
-    "mean-logits": mean_logits,
-    "mean-probs": mean_probs,
-    "concat": concat,
-    "mean-features": mean_features,
-    "mean-scores": None,
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    #: member strategy: (fitted member detectors, member views) -> scores
+    members: Callable[[list[Detector], list[Views]], np.ndarray] | None = None
+    #: refit strategy: (member views, detector) -> combined views
+    combine: Callable[[list[Views], Detector], Views] | None = None
+
+
+#: strategy name -> Strategy. The one registry of strategies.
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("mean-logits", members=mean_logits),
+        Strategy("mean-probs", members=mean_probs),
+        Strategy("mean-scores", members=mean_scores),
+        Strategy("ensemble", members=whole_ensemble),
+        Strategy("concat", combine=concat),
+        Strategy("mean-features", combine=mean_features),
+    )
 }
 
 
@@ -77,15 +103,18 @@ def resolve_strategy(detector_cls: type[Detector], requested: str | None) -> str
 def ensemble_scores(
     strategy: str,
     make_detector: Callable[[], Detector],
+    members: list[Detector],
     train: list[Views],
     evals: dict[str, list[Views]],
-    member_scores: dict[str, list[np.ndarray]],
 ) -> dict[str, np.ndarray]:
-    """Ensemble score of each eval set (keys of ``evals``) under ``strategy``."""
-    combine = STRATEGIES[strategy]
-    if combine is None:
-        return {k: np.mean(np.stack(v), axis=0) for k, v in member_scores.items()}
+    """Ensemble score of each eval set (keys of ``evals``) under ``strategy``.
+
+    ``members`` are the members' detectors, already fitted on their own ID-train views.
+    """
+    s = STRATEGIES[strategy]
+    if s.members is not None:
+        return {k: s.members(members, v) for k, v in evals.items()}
     det = make_detector()
     if det.needs_fit:
-        det.fit(combine(train, det))
-    return {k: det.score(combine(v, det)) for k, v in evals.items()}
+        det.fit(s.combine(train, det))
+    return {k: det.score(s.combine(v, det)) for k, v in evals.items()}

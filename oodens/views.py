@@ -2,13 +2,16 @@
 
 A view is what a detector reads: ``logits`` (n, C), ``features`` (n, D, the
 penultimate layer after pooling) and ``labels`` (n,) of one mode on one dataset
-split. Views are computed once per mode and dataset and cached on disk:
+split (the ``base`` view), plus views that need the network and the images with
+parameters of their own (``odin[T,eps]`` and ``rankfeat[...]`` logits, see
+:mod:`oodens.extract`), and the mode's final layer (``head``: weight, bias). Views
+are computed once per mode, dataset and parameters, and cached on disk:
 
-    <cache>/views/v<FORMAT>/<checkpoint sha256[:16]>/<dataset>-<split>-<key[:16]>/
+    <cache>/views/v<FORMAT>/<checkpoint sha256[:16]>/<dataset>-<split>-<kind>-<key[:16]>/
         logits.npy  features.npy  labels.npy  meta.json
 
 The key is the sha256 of (cache format, checkpoint sha256, dataset identity
-including a content fingerprint, preprocessing preset, view kind). A view folder
+including a content fingerprint, preprocessing preset, view kind and parameters). A view folder
 is built under a temporary name and renamed into place when complete, so a killed
 extraction never leaves a half-written view, and two processes racing on one view
 both end up reading the same complete folder.
@@ -21,38 +24,67 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 FORMAT_VERSION = 1
-ARRAYS = ("logits", "features", "labels")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A view kind with its parameters, e.g. ``ViewSpec("odin", (("eps", 0.0014), ("temperature", 1000.0)))``."""
+
+    kind: str
+    params: tuple[tuple[str, float | int], ...] = ()
+
+    @classmethod
+    def of(cls, kind: str, **params) -> "ViewSpec":
+        return cls(kind, tuple(sorted(params.items())))
+
+    @property
+    def id(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.kind}[{inner}]" if inner else self.kind
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "params": dict(self.params)}
+
+
+BASE = ViewSpec("base")
+HEAD = ViewSpec("head")
 
 
 @dataclass
 class Views:
-    """The arrays of one mode (or one combined ensemble) on one dataset split."""
+    """The arrays of one mode (or one combined ensemble) on one dataset split.
+
+    ``weight``/``bias`` are the mode's final linear layer (the same for every split);
+    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`.
+    """
 
     logits: np.ndarray | None = None
     features: np.ndarray | None = None
     labels: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        for f in fields(self):
-            a = getattr(self, f.name)
+        for a in (self.logits, self.features, self.labels, *self.extra.values()):
             if a is not None:
                 return len(a)
         return 0
 
 
-def view_key(checkpoint_sha: str, dataset: dict, preset: dict, kind: str = "base") -> str:
+def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE) -> str:
     ident = {
         "format": FORMAT_VERSION,
         "checkpoint": checkpoint_sha,
         "dataset": dataset,
         "preset": preset,
-        "view": kind,
+        "view": spec.identity() if spec != BASE else "base",
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -82,22 +114,20 @@ class ViewCache:
         self.root = Path(root)
         self.base = self.root / "views" / f"v{FORMAT_VERSION}"
 
-    def path(self, checkpoint_sha: str, dataset: dict, preset: dict, kind: str = "base") -> Path:
-        key = view_key(checkpoint_sha, dataset, preset, kind)
-        return self.base / checkpoint_sha[:16] / f"{dataset['name']}-{dataset['split']}-{key[:16]}"
+    def path(self, checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE) -> Path:
+        key = view_key(checkpoint_sha, dataset, preset, spec)
+        kind = "" if spec == BASE else f"{spec.kind}-"
+        return self.base / checkpoint_sha[:16] / f"{dataset['name']}-{dataset['split']}-{kind}{key[:16]}"
 
     @staticmethod
     def is_complete(path: Path) -> bool:
         return (path / "meta.json").is_file()
 
     @staticmethod
-    def read(path: Path, mmap: bool = True) -> Views:
+    def read(path: Path, mmap: bool = True) -> dict[str, np.ndarray]:
+        """The arrays of one cached view folder, memory-mapped."""
         mode = "r" if mmap else None
-        arrays = {}
-        for name in ARRAYS:
-            f = path / f"{name}.npy"
-            arrays[name] = np.load(f, mmap_mode=mode, allow_pickle=False) if f.is_file() else None
-        return Views(**arrays)
+        return {p.stem: np.load(p, mmap_mode=mode, allow_pickle=False) for p in sorted(path.glob("*.npy"))}
 
     def clean_stale(self, folder: Path) -> None:
         """Remove temporary folders left by processes that no longer exist (e.g. killed)."""

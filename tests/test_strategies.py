@@ -286,17 +286,18 @@ def test_mean_features_mahalanobis(data):
 
 
 def test_ensemble_scores_direct(data):
-    """oodens.strategies.ensemble_scores called directly, for mean-logits and mean-scores."""
+    """oodens.strategies.ensemble_scores called directly, for mean-logits, mean-scores and concat."""
     sets = {"id": data["id"], "farood": data["oods"]["farood"]}
-    member_scores = {k: [ref_energy(v.logits) for v in views] for k, views in sets.items()}
-    out = ensemble_scores("mean-logits", DETECTORS["energy"], data["train"], sets, member_scores)
+    energies = [DETECTORS["energy"]() for _ in range(3)]
+    out = ensemble_scores("mean-logits", DETECTORS["energy"], energies, data["train"], sets)
     for k, views in sets.items():
         zbar = np.mean([v.logits for v in views], axis=0)
         np.testing.assert_allclose(out[k], ref_energy(zbar), rtol=1e-12)
-    out = ensemble_scores("mean-scores", DETECTORS["energy"], data["train"], sets, member_scores)
+    out = ensemble_scores("mean-scores", DETECTORS["energy"], energies, data["train"], sets)
     for k, views in sets.items():
         np.testing.assert_allclose(out[k], sum(ref_energy(v.logits) for v in views) / 3, rtol=1e-12)
-    out = ensemble_scores("concat", lambda: DETECTORS["knn"](k=4), data["train"], sets, {})
+    knns = [DETECTORS["knn"](k=4).fit(v) for v in data["train"]]
+    out = ensemble_scores("concat", lambda: DETECTORS["knn"](k=4), knns, data["train"], sets)
     bank = np.concatenate([normalise64(v.features) for v in data["train"]], axis=1)
     for k, views in sets.items():
         q = np.concatenate([normalise64(v.features) for v in views], axis=1)

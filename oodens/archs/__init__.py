@@ -4,7 +4,9 @@ Every architecture is an ``nn.Module`` with
 - ``forward_features(x) -> h``: the penultimate features (after pooling), (N, D);
 - ``classifier``: the final ``nn.Linear`` so that logits = classifier(h);
 - ``forward(x) = classifier(forward_features(x))``.
-Extraction calls the first two, so logits and features always agree.
+Extraction calls the first two, so logits and features always agree. For RankFeat
+an architecture also names its last two stages: ``rankfeat_stages(x) -> (second-to-last
+stage map, last stage map)``, ``last_stage(map)`` and ``logits_from_last_stage(map)``.
 """
 
 from __future__ import annotations

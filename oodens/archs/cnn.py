@@ -31,8 +31,22 @@ class DigitsCNN(nn.Module):
         return self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.pool(self.layer3(self.layer2(self.layer1(x))))
+
+    @staticmethod
+    def pool(a: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1)
+
+    # RankFeat's two stages: layer2 (64 x 4 x 4) and layer3 (128 x 2 x 2)
+    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        second = self.layer2(self.layer1(x))
+        return second, self.layer3(second)
+
+    def last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self.layer3(a)
+
+    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(a))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))

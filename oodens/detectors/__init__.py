@@ -6,6 +6,6 @@ and the CLI picks it and its hyperparameters up from the registry.
 """
 
 from oodens.detectors.base import DETECTORS, Detector, get_detector, param, parse_detectors, register_detector
-from oodens.detectors import logit, feature  # noqa: F401,I001  (registers, in table order)
+from oodens.detectors import logit, feature, shaping, gradient, subspace, disagreement  # noqa: F401,I001  (registers, in table order)
 
 __all__ = ["DETECTORS", "Detector", "get_detector", "param", "parse_detectors", "register_detector"]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from oodens.errors import OodensError
-from oodens.views import Views
+from oodens.views import Views, ViewSpec
 
 
 def param(default: Any, help: str):
@@ -35,11 +35,28 @@ class Detector:
     needs_fit: ClassVar[bool] = False
     #: the ensemble strategies this detector supports; the first is the default
     strategies: ClassVar[tuple[str, ...]] = ()
+    #: defined on the whole ensemble only (no per-member scores)
+    ensemble_only: ClassVar[bool] = False
+
+    @classmethod
+    def applies_to(cls, members: list[dict]) -> str | None:
+        """None if the detector applies to these members (their sidecars), else why not."""
+        if cls.ensemble_only and len(members) < 2:
+            return f"{cls.name} is defined on an ensemble: expected at least 2 modes, got {len(members)}"
+        return None
+
+    def view_specs(self) -> list[ViewSpec]:
+        """Views beyond the base view (logits/features/labels) that this detector reads."""
+        return []
 
     def fit(self, train: Views) -> "Detector":
         return self
 
     def score(self, views: Views) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score_ensemble(self, members: list[Views]) -> np.ndarray:  # pragma: no cover - interface
+        """Score of the whole ensemble, for ensemble-only detectors."""
         raise NotImplementedError
 
     def member_features(self, features: np.ndarray) -> np.ndarray:

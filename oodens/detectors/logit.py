@@ -1,6 +1,9 @@
-"""Logit-family detectors: scores computed from the logits alone.
+"""Logit-family detectors: a score computed from (possibly transformed) logits.
 
-Default ensemble strategy ``mean-logits``: average the members' logits, then score.
+Every logit-family detector says which logits it reads for one member
+(``member_logits``: the cached logits, or an ODIN / RankFeat view) and how it scores
+logits (``score_logits``). The default ensemble strategy ``mean-logits`` averages the
+members' logits, then scores them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, param, register_detector
-from oodens.views import Views
+from oodens.views import Views, ViewSpec
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of probabilities, with 0 log 0 = 0."""
+    return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)
 
 
 @dataclass
@@ -19,6 +27,20 @@ class LogitDetector(Detector):
     family = "logit"
     needs = ("logits",)
     strategies = ("mean-logits", "mean-scores")
+
+    def member_logits(self, views: Views) -> np.ndarray:
+        """The logits this detector scores for one member."""
+        return np.asarray(views.logits, dtype=np.float64)
+
+    def score_logits(self, z: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score(self, views: Views) -> np.ndarray:
+        return self.score_logits(self.member_logits(views))
+
+    def score_mean_logits(self, z_mean: np.ndarray, members: list["LogitDetector"], views: list[Views]) -> np.ndarray:
+        """Ensemble score from the members' averaged logits (``mean-logits``)."""
+        return self.score_logits(z_mean)
 
 
 @register_detector
@@ -34,8 +56,8 @@ class MSP(LogitDetector):
     name = "msp"
     strategies = ("mean-logits", "mean-probs", "mean-scores")
 
-    def score(self, views: Views) -> np.ndarray:
-        return softmax(np.asarray(views.logits, dtype=np.float64), axis=1).max(axis=1)
+    def score_logits(self, z):
+        return softmax(z, axis=1).max(axis=1)
 
 
 @register_detector
@@ -49,8 +71,8 @@ class MaxLogit(LogitDetector):
 
     name = "maxlogit"
 
-    def score(self, views: Views) -> np.ndarray:
-        return np.asarray(views.logits, dtype=np.float64).max(axis=1)
+    def score_logits(self, z):
+        return z.max(axis=1)
 
 
 @register_detector
@@ -64,6 +86,73 @@ class Energy(LogitDetector):
     name = "energy"
     temperature: float = param(1.0, "energy temperature T")
 
-    def score(self, views: Views) -> np.ndarray:
+    def score_logits(self, z):
         t = self.temperature
-        return t * logsumexp(np.asarray(views.logits, dtype=np.float64) / t, axis=1)
+        return t * logsumexp(z / t, axis=1)
+
+
+@register_detector
+@dataclass
+class Entropy(LogitDetector):
+    """Negative predictive entropy: ``-H(softmax(z)) = sum_c p_c log p_c``.
+
+    With ``mean-probs`` this is -H(p_bar), the ensemble's total uncertainty
+    (Lakshminarayanan et al., "Simple and Scalable Predictive Uncertainty Estimation
+    using Deep Ensembles", NeurIPS 2017).
+    """
+
+    name = "entropy"
+    strategies = ("mean-logits", "mean-probs", "mean-scores")
+
+    def score_logits(self, z):
+        return -entropy(softmax(z, axis=1))
+
+
+@register_detector
+@dataclass
+class ODIN(LogitDetector):
+    """ODIN: ``max_c softmax(z(x_hat) / T)_c`` with
+    ``x_hat = x - eps * sign(grad_x CE(z(x)/T, argmax z(x)))`` (pixel space).
+
+    Liang et al., "Enhancing the Reliability of Out-of-distribution Image Detection in
+    Neural Networks", ICLR 2018. T = 1000, eps = 0.0014 (0 for ImageNet). The perturbed
+    logits are a view computed at extraction, each member with its own input gradient.
+    """
+
+    name = "odin"
+    temperature: float = param(1000.0, "ODIN temperature T")
+    eps: float = param(0.0014, "ODIN input perturbation (pixel scale; 0 = temperature scaling only)")
+
+    def view_specs(self):
+        return [ViewSpec.of("odin", temperature=float(self.temperature), eps=float(self.eps))]
+
+    def member_logits(self, views):
+        return np.asarray(views.extra[self.view_specs()[0].id], dtype=np.float64)
+
+    def score_logits(self, z):
+        return softmax(z / self.temperature, axis=1).max(axis=1)
+
+
+@register_detector
+@dataclass
+class RankFeat(LogitDetector):
+    """RankFeat: energy of the mean of two logits, each from a stage map with its rank-1
+    part (s1 u1 v1^T) removed: the last stage -> head, and the second-to-last stage ->
+    last stage -> head.
+
+    Song et al., "RankFeat: Rank-1 Feature Removal for Out-of-distribution Detection",
+    NeurIPS 2022. Exact SVD by default; ``--rankfeat-power-iters N`` uses N power
+    iterations instead (the paper's fast variant uses 20).
+    """
+
+    name = "rankfeat"
+    power_iters: int = param(0, "0 = exact SVD; N > 0 = N power iterations for the rank-1 part")
+
+    def view_specs(self):
+        return [ViewSpec.of("rankfeat", power_iters=int(self.power_iters))]
+
+    def member_logits(self, views):
+        return np.asarray(views.extra[self.view_specs()[0].id], dtype=np.float64)
+
+    def score_logits(self, z):
+        return logsumexp(z, axis=1)
