@@ -130,6 +130,8 @@ def eval_cmd(
                                            show_default=False),
     positive: str = typer.Option("id", "--positive", help="Metric convention: id (papers') or ood (OpenOOD)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON instead of tables."),
+    summary: bool = typer.Option(False, "--summary", help="Print one row per detector (OOD average: modes' "
+                                 "mean ± std vs ensemble) instead of the full tables."),
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Write per-sample scores to "
                                                "DIR/<detector>-<strategy>/<member>/<dataset>.npy.",
                                                show_default=False),
@@ -154,7 +156,7 @@ def eval_cmd(
     """
     from oodens.evaluate import evaluate_detector
     from oodens.extract import extract as run_extract
-    from oodens.output import print_tables, to_json
+    from oodens.output import print_tables, summary_table, to_json
     from oodens.results import save_run
 
     if positive not in POSITIVES:
@@ -211,7 +213,10 @@ def eval_cmd(
         print(to_json(all_records))
     else:
         stdout.print(f"[bold]{bench.name}[/] · {len(modes)} modes of {modes[0].arch} from {common['modes']}")
-        print_tables(all_records, stdout)
+        if summary:
+            stdout.print(summary_table(all_records))
+        else:
+            print_tables(all_records, stdout)
     stderr.print(f"results stored in {results_dir}")
 
 

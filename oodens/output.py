@@ -69,5 +69,29 @@ def print_tables(records: list[dict], console: Console) -> None:
         console.print(detector_table(recs))
 
 
+def summary_table(records: list[dict]) -> Table:
+    """One row per detector x strategy on the OOD average (or the only OOD set): modes' mean ± std vs ensemble."""
+    first = records[0]
+    oods = list(dict.fromkeys(r["ood"] for r in records))
+    target = AVERAGE if AVERAGE in oods else oods[-1]
+    table = Table(title=f"summary · {target if target != AVERAGE else 'average over ' + ', '.join(o for o in oods if o != AVERAGE)}",
+                  caption=CONVENTION[first["positive"]] + "; values in %, mean ± std over modes",
+                  box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
+    for head in ("detector", "strategy", "FPR95 modes", "FPR95 ens.", "AUROC modes", "AUROC ens.",
+                 "AUPR-Out modes", "AUPR-Out ens."):
+        table.add_column(head, justify="left" if head in ("detector", "strategy") else "right")
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if r["ood"] == target:
+            groups.setdefault((r["detector"], r["strategy"]), {})[r["member"]] = r
+    for (det, strat), rows in groups.items():
+        cells = []
+        for k in ("fpr95", "auroc", "aupr_out"):
+            mean = f"{_pct(rows['mean'][k])} ± {_pct(rows['std'][k])}" if "mean" in rows else "—"
+            cells += [mean, _pct(rows["ensemble"][k])]
+        table.add_row(det, strat, *cells)
+    return table
+
+
 def to_json(records: list[dict]) -> str:
     return json.dumps(records, indent=2)

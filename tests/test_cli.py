@@ -202,3 +202,107 @@ def test_help_lists_detector_hyperparameters(capsys):
     code, out, _ = run(["eval", "--help"], capsys)
     assert code == 0
     assert "--knn-k" in out and "--energy-temperature" in out
+
+
+# ---------------------------------------------------------------- the full detector suite
+
+
+def _extracted(err: str) -> int:
+    return int(err.split("views: ")[1].split(" extracted")[0])
+
+
+def test_detector_all_gives_finite_metrics_for_every_detector(two_modes, tmp_path, capsys):
+    from oodens.detectors import DETECTORS
+
+    code, out, err = run(["eval", "--modes", str(two_modes), "--detector", "all", "--json",
+                          "--cache-dir", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    recs = json.loads(out)
+    expected = set(DETECTORS) - {"eloc"}  # shipped modes are no leave-out members
+    assert {r["detector"] for r in recs} == expected
+    assert "skipping eloc" in err and "kept_classes" in err
+    for r in recs:
+        assert all(np.isfinite(r[k]) for k in ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error")), r
+    for d in expected:
+        members = {r["member"] for r in recs if r["detector"] == d}
+        assert "ensemble" in members
+        if not DETECTORS[d].ensemble_only:
+            assert {"seed-1000", "seed-1100", "mean", "std"} <= members
+
+
+def test_odin_and_rankfeat_views_are_computed_lazily_once_with_params_in_the_key(two_modes, tmp_path, capsys):
+    cache = tmp_path / "c"
+    base = ["eval", "--modes", str(two_modes), "--cache-dir", str(cache), "--json"]
+    code, _, err = run(base + ["--detector", "msp"], capsys)
+    assert code == 0 and _extracted(err) == 10  # base views only: 2 modes x 5 splits
+    _, _, err = run(base + ["--detector", "odin"], capsys)
+    assert _extracted(err) == 10  # the odin view, computed on first use
+    _, _, err = run(base + ["--detector", "odin,msp,knn"], capsys)
+    assert _extracted(err) == 0
+    _, _, err = run(base + ["--detector", "odin", "--odin-eps", "0"], capsys)
+    assert _extracted(err) == 10  # other parameters, other views
+    _, _, err = run(base + ["--detector", "rankfeat", "--rankfeat-power-iters", "20"], capsys)
+    assert _extracted(err) == 10
+    metas = [json.loads(p.read_text()) for p in cache.rglob("meta.json")]
+    odin = [m["view"]["params"] for m in metas if m["view"]["kind"] == "odin"]
+    assert sorted({(p["eps"], p["temperature"]) for p in odin}) == [(0.0, 1000.0), (0.0014, 1000.0)]
+    assert {m["view"]["params"]["power_iters"] for m in metas if m["view"]["kind"] == "rankfeat"} == {20}
+
+
+def test_odin_eps_zero_equals_temperature_scaled_msp(two_modes, tmp_path, capsys):
+    """With eps = 0 ODIN is max softmax(z / T) of the plain logits: check against the exported views."""
+    base = ["--modes", str(two_modes), "--cache-dir", str(tmp_path / "c")]
+    run(["extract", *base, "--export", str(tmp_path / "v")], capsys)
+    code, _, err = run(["eval", *base, "--detector", "odin", "--odin-eps", "0", "--odin-temperature", "10",
+                        "--save-scores", str(tmp_path / "s"), "--ood", "letters"], capsys)
+    assert code == 0, err
+    z = np.load(tmp_path / "v" / "seed-1100" / "letters" / "test" / "logits.npy").astype(np.float64)
+    got = np.load(tmp_path / "s" / "odin-mean-logits" / "seed-1100" / "letters.npy")
+    np.testing.assert_allclose(got, softmax(z / 10, axis=1).max(1), rtol=1e-5)
+
+
+def test_eloc_on_ordinary_modes_is_a_clear_error(warm_cache, two_modes, capsys):
+    _bad(["eval", "--modes", str(two_modes), "--detector", "eloc"], warm_cache, capsys,
+         "eloc needs leave-out members", "kept_classes")
+
+
+def test_ensemble_size_sweep_rows(two_modes, tmp_path, capsys):
+    code, out, err = run(["eval", "--modes", str(two_modes), "--detector", "energy,mi", "--ensemble-size", "all",
+                          "--json", "--cache-dir", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    recs = json.loads(out)
+    energy = {(r["member"], r["ood"]): r for r in recs if r["detector"] == "energy"}
+    # k = 1: the two single modes; k = 2: the one full ensemble
+    for ood in ("noise", "letters"):
+        singles = [energy[(m, ood)]["auroc"] for m in ("seed-1000", "seed-1100")]
+        assert energy[("subsets-1-mean", ood)]["auroc"] == pytest.approx(np.mean(singles))
+        assert energy[("subsets-1-std", ood)]["auroc"] == pytest.approx(np.std(singles, ddof=1))
+        assert energy[("subsets-2-mean", ood)]["auroc"] == pytest.approx(energy[("ensemble", ood)]["auroc"])
+        assert energy[("subsets-2-mean", ood)]["n_subsets"] == 1
+    mi_members = {r["member"] for r in recs if r["detector"] == "mi"}
+    assert mi_members == {"ensemble", "subsets-2-mean", "subsets-2-std"}  # no k = 1 for an ensemble-only score
+    code, out, _ = run(["eval", "--modes", str(two_modes), "--ensemble-size", "2", "--cache-dir",
+                        str(tmp_path / "c")], capsys)
+    assert code == 0 and "k=2 (1 subsets)" in out
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--ensemble-size", "3"], ("--ensemble-size '3'", "1..2")),
+        (["--ensemble-size", "two"], ("--ensemble-size 'two'", "'all'")),
+        (["--detector", "vim", "--vim-dim", "500"], ("--vim-dim 500", "1..127")),
+        (["--detector", "dice", "--dice-p", "100"], ("--dice-p 100", "[0, 100)")),
+    ],
+)
+def test_bad_suite_options(warm_cache, two_modes, capsys, args, expected):
+    _bad(["eval", "--modes", str(two_modes)] + args, warm_cache, capsys, *expected)
+
+
+def test_detector_all_with_a_strategy_applies_it_where_it_fits(two_modes, tmp_path, capsys):
+    code, out, err = run(["eval", "--modes", str(two_modes), "--detector", "all", "--strategy", "mean-scores",
+                          "--json", "--ood", "noise", "--cache-dir", str(tmp_path / "c")], capsys)
+    assert code == 0, err
+    strat = {r["detector"]: r["strategy"] for r in json.loads(out)}
+    assert strat["knn"] == strat["msp"] == strat["vim"] == "mean-scores"
+    assert strat["pds"] == "ensemble"
