@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import sys
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from oodens import __version__
 from oodens.detectors import DETECTORS, get_detector, parse_detectors
 from oodens.errors import OodensError
 from oodens.metrics import POSITIVES
-from oodens.paths import default_cache_dir, default_results_dir, shipped_modes_dir
+from oodens.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
 
 app = typer.Typer(
     add_completion=False,
@@ -31,7 +32,7 @@ app = typer.Typer(
 )
 stdout = Console(soft_wrap=False)
 if not stdout.is_terminal:  # pipes and files get the full table, not an 80-column squeeze
-    stdout = Console(soft_wrap=False, width=120)
+    stdout = Console(soft_wrap=False, width=140)
 stderr = Console(stderr=True, soft_wrap=True)
 
 ModesOpt = typer.Option(None, "--modes", help="Folder of modes (seed-*/checkpoint). Default: the shipped digits modes.",
@@ -42,6 +43,31 @@ CacheOpt = typer.Option(None, "--cache-dir", envvar="OODENS_CACHE",
                         help="View cache folder. Default: $XDG_CACHE_HOME/oodens.", show_default=False)
 BatchOpt = typer.Option(256, "--batch-size", min=1, help="Extraction batch size.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DATA = "Modes and data"
+ArchOpt = typer.Option(None, "--arch", help="Architecture of the modes when neither sidecar nor path says.",
+                       show_default=False, rich_help_panel=DATA)
+ClassesOpt = typer.Option(None, "--num-classes", help="Class count when neither sidecar nor path says.",
+                          show_default=False, rich_help_panel=DATA)
+PresetOpt = typer.Option(None, "--preset", help="Preprocessing preset (digits, cifar, cifar-dice, cifar-eloc, "
+                         "imagenet); overrides the modes'.", show_default=False, rich_help_panel=DATA)
+RootOpt = typer.Option(None, "--data-root", help="Dataset root (else $OODENS_DATA, else data_root in "
+                       "$XDG_CONFIG_HOME/oodens/config.toml).", show_default=False, rich_help_panel=DATA)
+OodOpt = typer.Option(None, "--ood", help="Comma list of the benchmark's OOD sets to use (default: all present), "
+                      "and/or NAME=PATH for another set (image folder, OpenOOD image list .txt, or .mat).",
+                      show_default=False, rich_help_panel=DATA)
+ImglistOpt = typer.Option(None, "--imglist", help="An OpenOOD image list (\"relative/path label\" lines) to use "
+                          "as an OOD set named after the file; repeatable.", show_default=False,
+                          rich_help_panel=DATA)
+ImglistRootOpt = typer.Option(None, "--imglist-root", help="Folder the image-list paths are relative to "
+                              "(default: the data root, else the list's folder).", show_default=False,
+                              rich_help_panel=DATA)
+CorruptOpt = typer.Option(None, "--corruptions", help="Covariate-shift sets: corrupted ID test copies, 'all' or "
+                          "a comma list of NAME or NAME:SEVERITY (gaussian_noise, shot_noise, impulse_noise, "
+                          "gaussian_blur, brightness, contrast, pixelate, jpeg; severities 1-5).",
+                          show_default=False, rich_help_panel=DATA)
+FitOpt = typer.Option(1.0, "--fit-fraction", help="Seeded fraction of the ID training split used to fit "
+                      "knn/mahalanobis/dice/react/vim.", rich_help_panel=DATA)
+WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes for extraction.")
 
 
 def _version(value: bool):
@@ -58,19 +84,61 @@ def _root(
     pass
 
 
-def _setup(modes_dir: Optional[Path], benchmark: Optional[str], cache_dir: Optional[Path]):
-    from oodens.data import get_benchmark
-    from oodens.modes import discover_modes
+@dataclass
+class Plan:
+    """What a command works on: the modes, the benchmark, the sets to extract, the cache."""
+
+    modes: list
+    bench: object
+    cache: object
+    train: object  # the ID training source used for fitting (maybe a subsample)
+    oods: dict
+
+
+def _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root, corruptions,
+          fit_fraction, cache_dir) -> Plan:
+    from oodens.data import data_root as resolve_root
+    from oodens.data import get_benchmark, get_preset, source_from_path
+    from oodens.data.sources import SubsetSource
+    from oodens.modes import ModeFlags, discover_modes
     from oodens.views import ViewCache
 
-    modes = discover_modes(modes_dir or shipped_modes_dir())
-    bench = get_benchmark(benchmark or modes[0].dataset)
+    from oodens.data import BENCHMARKS
+
+    if preset is not None:
+        get_preset(preset)
+    if benchmark is not None and benchmark.lower() not in BENCHMARKS:
+        raise OodensError(f"unknown benchmark {benchmark!r}: expected one of {', '.join(BENCHMARKS)}")
+    modes = discover_modes(modes_dir or shipped_modes_dir(), ModeFlags(arch, num_classes, preset, benchmark))
+    root = resolve_root(data_root)
+    bench = get_benchmark(benchmark or modes[0].dataset, root)
     if bench.num_classes != modes[0].num_classes:
         raise OodensError(
-            f"modes in {modes_dir} have {modes[0].num_classes} classes but benchmark {bench.name!r} has "
-            f"{bench.num_classes}: expected modes trained on {bench.name}"
+            f"modes in {modes_dir or shipped_modes_dir()} have {modes[0].num_classes} classes but benchmark "
+            f"{bench.name!r} has {bench.num_classes}: expected modes trained on {bench.name}"
         )
-    return modes, bench, ViewCache(cache_dir or default_cache_dir())
+    selected = []
+    for entry in (e.strip() for e in (ood or "").split(",") if e.strip()):
+        name, eq, path = entry.partition("=")
+        if eq:
+            bench.add_ood(name, source_from_path(name, Path(path), imglist_root or root))
+        else:
+            selected.append(name)
+    extra = [e.split("=")[0].strip() for e in (ood or "").split(",") if "=" in e]
+    for lst in imglist or []:
+        bench.add_ood(Path(lst).stem, source_from_path(Path(lst).stem, Path(lst), imglist_root or root))
+        extra.append(Path(lst).stem)
+    shift_before = set(bench.ood_factories)
+    bench.add_corruptions(corruptions)
+    extra += [n for n in bench.ood_factories if n not in shift_before]
+    if not selected and bench.missing:
+        stderr.print("[yellow]warning:[/] OOD sets not on disk, skipped: "
+                     + "; ".join(f"{n} (expected {p})" for n, p in bench.missing.items()))
+    oods = bench.select_ood(selected + extra if selected else None)
+    train = bench.id_train if fit_fraction >= 1 else SubsetSource(bench.id_train, fit_fraction)
+    if not 0 < fit_fraction <= 1:
+        raise OodensError(f"--fit-fraction {fit_fraction}: expected a fraction in (0, 1]")
+    return Plan(modes, bench, ViewCache(cache_dir or default_cache_dir()), train, oods)
 
 
 @app.command()
@@ -102,19 +170,30 @@ def extract(
     benchmark: Optional[str] = BenchOpt,
     export: Optional[Path] = typer.Option(None, "--export", help="Also write DIR/<mode>/<dataset>/<split>/"
                                           "{logits,features,labels}.npy.", show_default=False),
+    arch: Optional[str] = ArchOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    preset: Optional[str] = PresetOpt,
+    data_root: Optional[Path] = RootOpt,
+    ood: Optional[str] = OodOpt,
+    imglist: Optional[list[Path]] = ImglistOpt,
+    imglist_root: Optional[Path] = ImglistRootOpt,
+    corruptions: Optional[str] = CorruptOpt,
+    fit_fraction: float = FitOpt,
     cache_dir: Optional[Path] = CacheOpt,
     batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
     device: str = DeviceOpt,
 ):
     """Fill the view cache: one forward pass per mode and dataset split (ID train, ID test, each OOD set)."""
     from oodens.extract import export_views
     from oodens.extract import extract as run_extract
 
-    modes, bench, cache = _setup(modes_dir, benchmark, cache_dir)
-    sources = [bench.id_train, bench.id_test, *bench.ood.values()]
-    ex = run_extract(modes, sources, cache, batch_size=batch_size, device=device)
-    stderr.print(f"{len(modes)} modes x {len(sources)} splits: {ex.computed} views extracted, {ex.cached} from cache "
-                 f"({cache.root})")
+    plan = _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
+                 corruptions, fit_fraction, cache_dir)
+    sources = [plan.train, plan.bench.id_test, *plan.oods.values()]
+    ex = run_extract(plan.modes, sources, plan.cache, batch_size=batch_size, device=device, workers=workers)
+    stderr.print(f"{len(plan.modes)} modes x {len(sources)} splits: {ex.computed} views extracted, {ex.cached} "
+                 f"from cache ({plan.cache.root})")
     if export:
         export_views(ex, export)
         stderr.print(f"exported views to {export}")
@@ -123,8 +202,7 @@ def extract(
 def eval_cmd(
     modes_dir: Optional[Path] = ModesOpt,
     detector: str = typer.Option("msp", "--detector", help=f"Detector, comma list or 'all': {', '.join(DETECTORS)}."),
-    ood: Optional[str] = typer.Option(None, "--ood", help="Comma list of OOD sets (default: all of the benchmark).",
-                                      show_default=False),
+    ood: Optional[str] = OodOpt,
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Ensemble strategy (default: the detector's "
                                            "own: mean-logits for logit detectors, concat for knn/mahalanobis).",
                                            show_default=False),
@@ -145,7 +223,16 @@ def eval_cmd(
     max_subsets: int = typer.Option(100, "--max-subsets", min=1, help="Most subsets per k (a seeded sample when "
                                     "there are more)."),
     subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset sample."),
+    arch: Optional[str] = ArchOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    preset: Optional[str] = PresetOpt,
+    data_root: Optional[Path] = RootOpt,
+    imglist: Optional[list[Path]] = ImglistOpt,
+    imglist_root: Optional[Path] = ImglistRootOpt,
+    corruptions: Optional[str] = CorruptOpt,
+    fit_fraction: float = FitOpt,
     batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
     device: str = DeviceOpt,
     **detector_params,
 ):
@@ -170,19 +257,22 @@ def eval_cmd(
             raise OodensError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
         for n in names if explicit else []:
             resolve_strategy(get_detector(n), strategy)
-    modes, bench, cache = _setup(modes_dir, benchmark, cache_dir)
+    plan = _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
+                 corruptions, fit_fraction, cache_dir)
+    modes, bench, oods = plan.modes, plan.bench, plan.oods
     sizes = _ensemble_sizes(ensemble_size, len(modes))
     member_meta = [{**m.sidecar, "name": m.name} for m in modes]
     names = _applicable(names, member_meta, explicit)
     params = {n: {f.name: detector_params[f"{n}_{f.name}"] for f in get_detector(n).params()} for n in names}
     specs = [s for n in names for s in get_detector(n)(**params[n]).view_specs()]
-    oods = bench.select_ood([s.strip() for s in ood.split(",")] if ood else None)
-    sources = [bench.id_train, bench.id_test, *oods.values()]
-    ex = run_extract(modes, sources, cache, batch_size=batch_size, device=device, specs=specs)
-    stderr.print(f"views: {ex.computed} extracted, {ex.cached} from cache ({cache.root})")
+    need_train = any(get_detector(n).needs_fit for n in names)
+    sources = [*([plan.train] if need_train else []), bench.id_test, *oods.values()]
+    ex = run_extract(modes, sources, plan.cache, batch_size=batch_size, device=device, specs=specs, workers=workers,
+                     base_only=[plan.train])
+    stderr.print(f"views: {ex.computed} extracted, {ex.cached} from cache ({plan.cache.root})")
 
     members = [m.name for m in modes]
-    train_v = [ex.get(m, bench.id_train) for m in members]
+    train_v = [ex.get(m, plan.train) if need_train else None for m in members]
     test_v = [ex.get(m, bench.id_test) for m in members]
     ood_v = {o: [ex.get(m, src) for m in members] for o, src in oods.items()}
     common = {
@@ -190,12 +280,15 @@ def eval_cmd(
         "modes": str((modes_dir or shipped_modes_dir()).resolve()),
         "arch": modes[0].arch,
         "checkpoints": {m.name: m.sha256 for m in modes},
+        "preset": modes[0].preset,
+        "fit_fraction": fit_fraction,
     }
     all_records = []
     results_dir = results or default_results_dir()
     for n in names:
         run = evaluate_detector(n, params[n], strategy if strategy in get_detector(n).strategies else None, members,
-                                train_v, test_v, ood_v, positive, sizes, max_subsets, subset_seed)
+                                train_v, test_v, ood_v, positive, sizes, max_subsets, subset_seed,
+                                kinds={o: bench.kinds.get(o, "semantic") for o in oods})
         records = [{"benchmark": bench.name, **r} for r in run.records]
         settings = {**common, "detector": n, "strategy": run.strategy, "params": run.params,
                     "positive": positive, "ood_sets": list(oods), "ensemble_sizes": sizes,
@@ -207,7 +300,7 @@ def eval_cmd(
                 folder = save_scores / f"{n}-{run.strategy}" / member
                 folder.mkdir(parents=True, exist_ok=True)
                 for dataset, s in by_set.items():
-                    name = bench.name if dataset == "id" else dataset
+                    name = bench.name if dataset == "id" else safe_name(dataset)
                     np.save(folder / f"{name}.npy", np.asarray(s), allow_pickle=False)
     if as_json:
         print(to_json(all_records))

@@ -3,9 +3,11 @@
 Records are flat dicts (one per detector x strategy x row x OOD set). ``member`` is a
 mode name, ``"mean"``/``"std"`` (over modes, sample std), ``"ensemble"``, or for the
 ensemble-size sweep ``"subsets-<k>-mean"``/``"subsets-<k>-std"`` (over the k-of-N
-subsets, with ``n_subsets``). ``ood`` is an OOD set name or ``"average"`` (mean over
-the OOD sets, taken per row before mean/std; only when there are several sets).
-Metric values are fractions.
+subsets, with ``n_subsets``). ``ood`` is an OOD set name, ``"average"`` (mean over the
+semantic OOD sets, taken per row before mean/std; only when there are several) or
+``"C-<s>"`` (mean over the covariate-shift sets of severity s). Records of
+covariate-shift sets (``kind: "shift"``) also carry ``ood_accuracy``, the accuracy on
+the corrupted images. Metric values are fractions.
 """
 
 from __future__ import annotations
@@ -50,10 +52,24 @@ def subsets(n: int, k: int, max_subsets: int, seed: int = 0) -> list[tuple[int, 
     return sorted(chosen)
 
 
-def _metrics(scores: dict[str, np.ndarray], oods, positive: str) -> dict[str, dict[str, float]]:
-    out = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in oods}
-    if len(oods) > 1:
-        out[AVERAGE] = {k: float(np.mean([out[o][k] for o in oods])) for k in METRICS}
+def _groups(kinds: dict[str, str]) -> dict[str, list[str]]:
+    """Rows that average other rows: "average" over semantic sets, "C-<s>" over shift sets of severity s."""
+    semantic = [o for o, k in kinds.items() if k != "shift"]
+    groups = {AVERAGE: semantic} if len(semantic) > 1 else {}
+    for o, k in kinds.items():
+        if k == "shift":
+            groups.setdefault(f"C-{o.rsplit('-', 1)[1]}", []).append(o)
+    return groups
+
+
+def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str,
+             accuracies: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    out = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in kinds}
+    for o, acc in (accuracies or {}).items():
+        out[o]["ood_accuracy"] = acc
+    for row, members in _groups(kinds).items():
+        keys = [k for k in out[members[0]] if all(k in out[m] for m in members)]
+        out[row] = {k: float(np.mean([out[m][k] for m in members])) for k in keys}
     return out
 
 
@@ -69,6 +85,7 @@ def evaluate_detector(
     ensemble_sizes: list[int] = (),
     max_subsets: int = 100,
     seed: int = 0,
+    kinds: dict[str, str] | None = None,
 ) -> DetectorRun:
     """Score one detector for every member and for the ensemble; compute every metric.
 
@@ -77,6 +94,7 @@ def evaluate_detector(
     """
     cls = get_detector(name)
     strategy = resolve_strategy(cls, strategy)
+    kinds = {o: (kinds or {}).get(o, "semantic") for o in oods}
 
     def make():
         return cls(**params)
@@ -94,21 +112,30 @@ def evaluate_detector(
             per_member[m] = {k: fitted[i].score(v[i]) for k, v in evals.items()}
     ens = ensemble_scores(strategy, make, fitted, train, evals)
 
-    labels = np.asarray(id_test[0].labels)
-    acc = {m: accuracy(np.asarray(id_test[i].logits), labels) for i, m in enumerate(members)}
-    acc["ensemble"] = accuracy(np.mean([np.asarray(v.logits, dtype=np.float64) for v in id_test], axis=0), labels)
+    def accuracies(views: list[Views], idx: list[int]) -> tuple[dict[int, float], float]:
+        labels = np.asarray(views[0].labels)
+        each = {i: accuracy(np.asarray(views[i].logits), labels) for i in idx}
+        return each, accuracy(np.mean([np.asarray(views[i].logits, dtype=np.float64) for i in idx], axis=0), labels)
 
-    metrics = {row: _metrics(s, oods, positive) for row, s in [*per_member.items(), ("ensemble", ens)]}
+    everyone = list(range(len(members)))
+    each, ens_acc = accuracies(id_test, everyone)
+    acc = {**{members[i]: a for i, a in each.items()}, "ensemble": ens_acc}
+    shift_acc = {o: accuracies(oods[o], everyone) for o, k in kinds.items() if k == "shift"}
+
+    metrics = {m: _metrics(s, kinds, positive, {o: a[0][i] for o, a in shift_acc.items()})
+               for i, (m, s) in enumerate(per_member.items())}
+    metrics["ensemble"] = _metrics(ens, kinds, positive, {o: a[1] for o, a in shift_acc.items()})
     rows_oods = list(metrics["ensemble"])
 
     base = {"detector": name, "strategy": strategy, "params": dict(make().settings()), "positive": positive,
             "n_members": len(members)}
     records = []
     for ood in rows_oods:
+        base["kind"] = kinds.get(ood, "shift-average" if ood.startswith("C-") else "average")
         if per_member:
             for m in members:
                 records.append({**base, "member": m, "ood": ood, **metrics[m][ood], "id_accuracy": acc[m]})
-            stacked = {k: [metrics[m][ood][k] for m in members] for k in METRICS}
+            stacked = {k: [metrics[m][ood][k] for m in members] for k in metrics[members[0]][ood]}
             accs = [acc[m] for m in members]
             records.append({**base, "member": "mean", "ood": ood, **{k: float(np.mean(v)) for k, v in stacked.items()},
                             "id_accuracy": float(np.mean(accs))})
@@ -122,14 +149,16 @@ def evaluate_detector(
             continue
         chosen = subsets(len(members), k, max_subsets, seed)
         per_subset = []
+        sub_acc = []
         for sub in chosen:
             s = ensemble_scores(strategy, make, [fitted[i] for i in sub], [train[i] for i in sub],
                                 {key: [v[i] for i in sub] for key, v in evals.items()})
-            per_subset.append(_metrics(s, oods, positive))
-        sub_acc = [accuracy(np.mean([np.asarray(id_test[i].logits, dtype=np.float64) for i in sub], axis=0), labels)
-                   for sub in chosen]
+            per_subset.append(_metrics(s, kinds, positive,
+                                       {o: accuracies(oods[o], list(sub))[1] for o in shift_acc}))
+            sub_acc.append(accuracies(id_test, list(sub))[1])
         for ood in rows_oods:
-            vals = {key: [ms[ood][key] for ms in per_subset] for key in METRICS}
+            base["kind"] = kinds.get(ood, "shift-average" if ood.startswith("C-") else "average")
+            vals = {key: [ms[ood][key] for ms in per_subset] for key in per_subset[0][ood]}
             extra = {"n_subsets": len(chosen), "ensemble_size": k}
             records.append({**base, "member": f"subsets-{k}-mean", "ood": ood, **extra,
                             **{key: float(np.mean(v)) for key, v in vals.items()}, "id_accuracy": float(np.mean(sub_acc))})

@@ -17,6 +17,7 @@ import torch
 from oodens import __version__
 from oodens.data import DataSource, get_preset
 from oodens.modes import Mode
+from oodens.paths import safe_name
 from oodens.progress import progress_bar
 from oodens.viewkinds import VIEW_KINDS
 from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec
@@ -44,14 +45,15 @@ class Extraction:
         return self.views[mode][(source.name, source.split)]
 
 
-def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, batch_size: int, device, on_batch):
+def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, batch_size: int, device, on_batch,
+                  workers: int = 0):
     fn = VIEW_KINDS[spec.kind]
     params = dict(spec.params)
     n = len(source)
     out: dict[str, np.ndarray] = {}
     labels = writer.allocate("labels", (n,), np.int64) if spec == BASE else None
     start = 0
-    for x, y in source.loader(preset, batch_size):
+    for x, y in source.loader(preset, batch_size, workers):
         arrays = fn(model, x.to(device, non_blocking=True), preset, **params)
         stop = start + len(y)
         for name, t in arrays.items():
@@ -84,10 +86,13 @@ def extract(
     batch_size: int = 256,
     device: str = "auto",
     specs: list[ViewSpec] | None = None,
+    workers: int = 0,
+    base_only: list[DataSource] = (),
 ) -> Extraction:
     """Make sure every (mode, source, view spec) and every mode's head is cached; return them (memory-mapped).
 
-    ``specs`` defaults to the base view only; the base view is always included.
+    ``specs`` defaults to the base view only; the base view is always included. Sources in
+    ``base_only`` (the ID-train split, which detectors only fit on) get the base view only.
     """
     specs = list(dict.fromkeys([BASE, *(specs or [])]))
     dev = resolve_device(device)
@@ -100,7 +105,7 @@ def extract(
         preset = get_preset(mode.preset)
         paths[mode.name] = {}
         for src in sources:
-            for spec in specs:
+            for spec in [BASE] if any(src is b for b in base_only) else specs:
                 path = cache.path(mode.sha256, src.identity(), preset.identity(), spec)
                 paths[mode.name][((src.name, src.split), spec)] = path
                 if ViewCache.is_complete(path):
@@ -129,7 +134,7 @@ def extract(
                 bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
                 writer = cache.writer(path, _meta(mode, src.identity(), preset, spec))
                 try:
-                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task))
+                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task), workers)
                     writer.commit()
                 except BaseException:
                     writer.abort()
@@ -142,7 +147,8 @@ def extract(
         for src in sources:
             split = (src.name, src.split)
             base = ViewCache.read(paths[mode.name][(split, BASE)])
-            extra = {s.id: ViewCache.read(paths[mode.name][(split, s)])["logits"] for s in specs if s != BASE}
+            extra = {s.id: ViewCache.read(paths[mode.name][(split, s)])["logits"]
+                     for s in specs if s != BASE and (split, s) in paths[mode.name]}
             result.views[mode.name][split] = Views(
                 logits=base["logits"], features=base["features"], labels=base["labels"],
                 weight=head["weight"], bias=head["bias"], extra=extra,
@@ -167,7 +173,7 @@ def export_views(extraction: Extraction, out: Path) -> None:
     """Write each mode's views as plain NumPy: ``out/<mode>/<dataset>/<split>/{logits,features,labels}.npy``."""
     for mode, by_split in extraction.views.items():
         for (name, split), views in by_split.items():
-            folder = Path(out) / mode / name / split
+            folder = Path(out) / mode / safe_name(name) / split
             folder.mkdir(parents=True, exist_ok=True)
             for arr in ("logits", "features", "labels"):
                 np.save(folder / f"{arr}.npy", np.asarray(getattr(views, arr)), allow_pickle=False)

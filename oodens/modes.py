@@ -8,7 +8,9 @@ Accepted layouts (DESIGN.md section 3)::
 
 What each mode is (architecture, dataset, class count, preprocessing preset) comes
 from the ``oodens.json`` sidecar beside the checkpoint, else from the path
-``.../<Dataset>/<Arch>/<mode>/``.
+``.../<Dataset>/<Arch>/<mode>/``, else from the flags (``--arch``, ``--num-classes``,
+``--benchmark``); ``--preset`` overrides the preprocessing of the whole set. A flag
+that contradicts the sidecar or the path is an error, as is anything left unknown.
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ from oodens.archs import arch_folder, canonical_arch, create_model
 from oodens.checkpoints import CHECKPOINT_SUFFIXES, PREFERRED_NAMES, SIDECAR, load_weights, sha256_file
 from oodens.errors import OodensError
 
-#: dataset folder name (save/<Dataset>/...) -> (benchmark, number of classes, preset)
+#: dataset folder name (save/<Dataset>/..., lower case) -> (benchmark, number of classes, preset)
 DATASET_DEFAULTS: dict[str, tuple[str, int, str]] = {
     "digits": ("digits", 6, "digits"),
+    "cifar10": ("cifar10", 10, "cifar"),
+    "cifar100": ("cifar100", 100, "cifar"),
+    "imagenet": ("imagenet", 1000, "imagenet"),
 }
+
+
+@dataclass(frozen=True)
+class ModeFlags:
+    """What the command line says about a mode set (None = not given)."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    preset: str | None = None
+    dataset: str | None = None
 
 
 @dataclass
@@ -73,7 +88,20 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _describe(name: str, ckpt: Path) -> Mode:
+def _pick(what: str, folder: Path, *candidates: tuple[str, object]):
+    """First known value among (source, value) pairs; a later one that disagrees is an error."""
+    known = [(src, v) for src, v in candidates if v is not None]
+    if not known:
+        return None
+    src0, v0 = known[0]
+    for src, v in known[1:]:
+        if src == "flag" and str(v).lower() != str(v0).lower():
+            raise OodensError(f"--{what} {v} contradicts the {src0} of mode {folder} ({what} {v0}): "
+                              f"expected them to agree, or drop the flag")
+    return v0
+
+
+def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
     folder = ckpt.parent
     meta: dict = {}
     side = folder / SIDECAR
@@ -82,33 +110,41 @@ def _describe(name: str, ckpt: Path) -> Mode:
             meta = json.loads(side.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise OodensError(f"cannot read sidecar {side}: {e} (expected JSON with arch, dataset, num_classes)") from e
-    arch = meta.get("arch")
-    dataset = meta.get("dataset")
-    if arch is None or dataset is None:
-        # save/<Dataset>/<Arch>/<mode>/file: infer from the path
-        parents = folder.resolve().parents
-        arch = arch or (parents[0].name if len(parents) > 0 else None)
-        dataset = dataset or (parents[1].name if len(parents) > 1 else None)
-    try:
-        arch = canonical_arch(arch or "")
-    except OodensError:
+    # save/<Dataset>/<Arch>/<mode>/file: what the path says, if it names a known arch and dataset
+    parents = folder.resolve().parents
+    path_arch = path_dataset = None
+    if len(parents) > 1 and parents[1].name.lower() in DATASET_DEFAULTS:
+        try:
+            path_arch = canonical_arch(parents[0].name)
+            path_dataset = parents[1].name.lower()
+        except OodensError:
+            pass
+    arch = _pick("arch", folder, ("sidecar", meta.get("arch")), ("path", path_arch),
+                 ("flag", canonical_arch(flags.arch) if flags.arch else None))
+    if arch is None:
         raise OodensError(
-            f"cannot tell the architecture of mode {folder}: no {SIDECAR} sidecar and the path is not "
-            f".../<Dataset>/<Arch>/{folder.name} with a known Arch"
-        ) from None
-    defaults = DATASET_DEFAULTS.get(str(dataset).lower())
-    num_classes = meta.get("num_classes", defaults[1] if defaults else None)
-    preset = meta.get("preset", defaults[2] if defaults else None)
-    if num_classes is None or preset is None:
+            f"cannot tell the architecture of mode {folder}: no {SIDECAR} sidecar, the path is not "
+            f".../<Dataset>/<Arch>/{folder.name}, and no --arch was given"
+        )
+    arch = canonical_arch(arch)
+    dataset = _pick("benchmark", folder, ("sidecar", meta.get("dataset")), ("path", path_dataset),
+                    ("flag", flags.dataset))
+    defaults = DATASET_DEFAULTS.get(str(dataset).lower()) if dataset else None
+    num_classes = _pick("num-classes", folder, ("sidecar", meta.get("num_classes")),
+                        ("path", defaults[1] if defaults else None), ("flag", flags.num_classes))
+    preset = flags.preset or meta.get("preset") or (defaults[2] if defaults else None)
+    if num_classes is None or preset is None or dataset is None:
+        lacking = [w for w, v in (("--num-classes", num_classes), ("--preset", preset), ("--benchmark", dataset))
+                   if v is None]
         raise OodensError(
-            f"cannot tell the class count and preprocessing of mode {folder}: expected a {SIDECAR} sidecar "
-            f"or a path .../<Dataset>/<Arch>/{folder.name} with Dataset one of {', '.join(DATASET_DEFAULTS)}"
+            f"cannot tell the {', '.join(lacking)} of mode {folder}: expected a {SIDECAR} sidecar, a path "
+            f".../<Dataset>/<Arch>/{folder.name} with Dataset one of {', '.join(DATASET_DEFAULTS)}, or the flags"
         )
     bench = defaults[0] if defaults else str(dataset).lower()
     return Mode(name, ckpt, arch, bench, int(num_classes), str(preset), meta)
 
 
-def discover_modes(root: Path) -> list[Mode]:
+def discover_modes(root: Path, flags: ModeFlags = ModeFlags()) -> list[Mode]:
     """Every mode under ``root``, sorted by name (seed-1000 before seed-1100), checked for consistency."""
     root = Path(root)
     if not root.exists():
@@ -129,7 +165,7 @@ def discover_modes(root: Path) -> list[Mode]:
             f"no modes in {root}: expected mode folders holding a checkpoint, like "
             f"seed-*/checkpoint.pth.tar or seed-*/epoch150.pth"
         )
-    modes = [_describe(name, ckpt) for name, ckpt in found]
+    modes = [_describe(name, ckpt, flags) for name, ckpt in found]
     check_consistent(modes)
     return modes
 

@@ -32,7 +32,8 @@ def detector_table(records: list[dict]) -> Table:
                   box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
     table.add_column("OOD set")
     table.add_column("member")
-    for _, head in COLUMNS:
+    columns = COLUMNS + ([("ood_accuracy", "acc on set ↑")] if any("ood_accuracy" in r for r in records) else [])
+    for _, head in columns:
         table.add_column(head, justify="right")
     oods = list(dict.fromkeys(r["ood"] for r in records))
     for ood in oods:
@@ -44,18 +45,18 @@ def detector_table(records: list[dict]) -> Table:
             m = r["member"]
             if m == "mean" or m.endswith("-mean"):
                 std = by_member[m[: -len("mean")] + "std"]
-                cells = [f"{_pct(r[k])} ± {_pct(std[k])}" for k, _ in COLUMNS]
+                cells = [f"{_pct(r[k])} ± {_pct(std[k])}" if k in r else "" for k, _ in columns]
                 if m == "mean":
                     label, style = "mean ± std", "italic"
                 else:
                     label, style = f"k={r['ensemble_size']} ({r['n_subsets']} subsets)", "dim"
             elif m == "ensemble":
-                cells = [_pct(r[k]) for k, _ in COLUMNS]
+                cells = [_pct(r[k]) if k in r else "" for k, _ in columns]
                 label, style = f"ensemble ({r['n_members']})", "bold"
             else:
-                cells = [_pct(r[k]) for k, _ in COLUMNS]
+                cells = [_pct(r[k]) if k in r else "" for k, _ in columns]
                 label, style = m, None
-            first = "" if shown else (f"[bold]{ood}[/]" if ood == AVERAGE else ood)
+            first = "" if shown else (f"[bold]{ood}[/]" if r["kind"] in ("average", "shift-average") else ood)
             shown = True
             table.add_row(first, label, *cells, style=style, end_section=r is shown_rows[-1])
     return table

@@ -23,6 +23,33 @@ def default_results_dir() -> Path:
     return Path(platformdirs.user_data_dir(APP)) / "results"
 
 
+def config_file() -> Path:
+    """``$XDG_CONFIG_HOME/oodens/config.toml`` (keys: ``data_root``)."""
+    return Path(platformdirs.user_config_dir(APP)) / "config.toml"
+
+
+def config() -> dict:
+    """The config file's settings, or {} when there is none."""
+    path = config_file()
+    if not path.is_file():
+        return {}
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from oodens.errors import OodensError
+
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise OodensError(f"cannot read config file {path}: {e} (expected TOML like data_root = \"/data\")") from e
+
+
+def safe_name(name: str) -> str:
+    """A dataset name usable as one path component (``digits-C/jpeg-3`` -> ``digits-C_jpeg-3``)."""
+    return name.replace("/", "_").replace("\\", "_")
+
+
 def shipped_modes_dir() -> Path:
     """The five digits CNN modes that ship with oodens.
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oodens.paths import safe_name
+
 FORMAT_VERSION = 1
 
 
@@ -117,7 +119,8 @@ class ViewCache:
     def path(self, checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE) -> Path:
         key = view_key(checkpoint_sha, dataset, preset, spec)
         kind = "" if spec == BASE else f"{spec.kind}-"
-        return self.base / checkpoint_sha[:16] / f"{dataset['name']}-{dataset['split']}-{kind}{key[:16]}"
+        folder = f"{safe_name(dataset['name'])}-{dataset['split']}-{kind}{key[:16]}"
+        return self.base / checkpoint_sha[:16] / folder
 
     @staticmethod
     def is_complete(path: Path) -> bool:

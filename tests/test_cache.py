@@ -120,13 +120,13 @@ KILLER = textwrap.dedent(
     calls = {"n": 0}
     real = E._compute_into
 
-    def dying(model, source, spec, writer, preset, batch_size, device, on_batch):
+    def dying(model, source, spec, writer, preset, batch_size, device, on_batch, *rest):
         def counting():
             calls["n"] += 1
             if calls["n"] == int(sys.argv[3]):
                 os.kill(os.getpid(), signal.SIGKILL)  # as hard as it gets: no cleanup runs
             on_batch()
-        real(model, source, spec, writer, preset, batch_size, device, counting)
+        real(model, source, spec, writer, preset, batch_size, device, counting, *rest)
 
     E._compute_into = dying
     b = get_benchmark("digits")

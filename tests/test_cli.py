@@ -37,7 +37,7 @@ def test_eval_table_names_modes_mean_std_ensemble_and_convention(two_modes, tmp_
     for text in ("seed-1000", "seed-1100", "mean ± std", "ensemble (2)", "digits-6789", "letters", "noise",
                  "average", "FPR95", "AUROC", "AUPR-In", "AUPR-Out", "ID acc", "ID positive"):
         assert text in out
-    assert "10 extracted" in err
+    assert "8 extracted" in err  # msp needs no ID-train view: 2 modes x (ID test + 3 OOD sets)
 
 
 def test_eval_json_records_save_scores_and_results_store(two_modes, tmp_path, capsys):
@@ -234,15 +234,17 @@ def test_odin_and_rankfeat_views_are_computed_lazily_once_with_params_in_the_key
     cache = tmp_path / "c"
     base = ["eval", "--modes", str(two_modes), "--cache-dir", str(cache), "--json"]
     code, _, err = run(base + ["--detector", "msp"], capsys)
-    assert code == 0 and _extracted(err) == 10  # base views only: 2 modes x 5 splits
+    assert code == 0 and _extracted(err) == 8  # base views: 2 modes x (ID test + 3 OOD sets); no fit, no train
     _, _, err = run(base + ["--detector", "odin"], capsys)
-    assert _extracted(err) == 10  # the odin view, computed on first use
+    assert _extracted(err) == 8  # the odin view, computed on first use
+    _, _, err = run(base + ["--detector", "odin,msp,knn"], capsys)
+    assert _extracted(err) == 2  # only knn's ID-train base views are new
     _, _, err = run(base + ["--detector", "odin,msp,knn"], capsys)
     assert _extracted(err) == 0
     _, _, err = run(base + ["--detector", "odin", "--odin-eps", "0"], capsys)
-    assert _extracted(err) == 10  # other parameters, other views
+    assert _extracted(err) == 8  # other parameters, other views
     _, _, err = run(base + ["--detector", "rankfeat", "--rankfeat-power-iters", "20"], capsys)
-    assert _extracted(err) == 10
+    assert _extracted(err) == 8
     metas = [json.loads(p.read_text()) for p in cache.rglob("meta.json")]
     odin = [m["view"]["params"] for m in metas if m["view"]["kind"] == "odin"]
     assert sorted({(p["eps"], p["temperature"]) for p in odin}) == [(0.0, 1000.0), (0.0014, 1000.0)]

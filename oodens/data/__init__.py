@@ -1,6 +1,8 @@
-"""Data: preprocessing presets, dataset sources and benchmarks (ID train/test + OOD sets)."""
+"""Data: preprocessing presets, dataset sources, corruptions and benchmarks (ID train/test + OOD sets)."""
 
-from oodens.data.benchmarks import BENCHMARKS, Benchmark, DataSource, get_benchmark
+from oodens.data.benchmarks import BENCHMARKS, Benchmark, data_root, get_benchmark, source_from_path
 from oodens.data.presets import PRESETS, Preset, get_preset
+from oodens.data.sources import DataSource
 
-__all__ = ["BENCHMARKS", "Benchmark", "DataSource", "get_benchmark", "PRESETS", "Preset", "get_preset"]
+__all__ = ["BENCHMARKS", "Benchmark", "DataSource", "data_root", "get_benchmark", "source_from_path", "PRESETS",
+           "Preset", "get_preset"]

@@ -1,98 +1,220 @@
 """Benchmarks as data: an ID train split, an ID test split and named OOD sets.
 
-A :class:`DataSource` is one dataset split. It knows its identity (name, split and
-a fingerprint of its content), which is part of every view's cache key, and it
-yields preprocessed batches for extraction.
+Each benchmark is a declarative table of where its sets live under a data root (the
+layout the mode-ensemble paper's code expects); sources are only built when used, so
+naming a benchmark costs no I/O. OOD sets that are not on disk are skipped with one
+warning; no OOD set at all is an error.
+
+    DIR/CIFAR10, DIR/CIFAR100            torchvision python format
+    DIR/ood_data/svhn/test_32x32.mat     SVHN
+    DIR/ood_data/{LSUN,LSUN_resize,iSUN,places365}, DIR/ood_data/dtd/images
+    DIR/imagenet/{train,val}             ImageFolder
+    DIR/ood_data/{iNaturalist,SUN,Places}
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 from dataclasses import dataclass, field
-from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-from oodens.data.presets import Preset
+from oodens.data.corruptions import CorruptedSource, parse_corruptions
+from oodens.data.sources import CifarSource, DataSource, SvhnSource, image_folder, image_list
 from oodens.errors import OodensError
 
-
-@dataclass(eq=False)
-class DataSource:
-    """One split of one dataset held as arrays: images in [0, 1] (N, C, H, W) and labels.
-
-    ``build`` makes the arrays lazily, so naming a benchmark costs nothing until
-    a view is actually missing from the cache.
-    """
-
-    name: str
-    split: str
-    build: Callable[[], tuple[np.ndarray, np.ndarray]] = field(repr=False)
-
-    @cached_property
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        x, y = self.build()
-        return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.arrays[1])
-
-    @cached_property
-    def fingerprint(self) -> str:
-        x, y = self.arrays
-        h = hashlib.sha256()
-        h.update(str(x.shape).encode())
-        h.update(x.tobytes())
-        h.update(y.tobytes())
-        return h.hexdigest()
-
-    def identity(self) -> dict:
-        return {"name": self.name, "split": self.split, "fingerprint": self.fingerprint}
-
-    def loader(self, preset: Preset, batch_size: int) -> DataLoader:
-        """Batches of (preprocessed images, labels) in dataset order."""
-        x, y = self.arrays
-        xs = preset.normalize(torch.from_numpy(x))
-        return DataLoader(TensorDataset(xs, torch.from_numpy(y)), batch_size=batch_size, shuffle=False)
+Factory = Callable[[], DataSource]
 
 
 @dataclass
 class Benchmark:
     name: str
-    id_train: DataSource
-    id_test: DataSource
-    ood: dict[str, DataSource]
     num_classes: int
+    train_factory: Factory = field(repr=False)
+    test_factory: Factory = field(repr=False)
+    #: OOD set name -> factory, for the sets present on disk
+    ood_factories: dict[str, Factory] = field(repr=False)
+    #: OOD set name -> expected location, for the sets the benchmark names but the disk lacks
+    missing: dict[str, str] = field(default_factory=dict)
+    #: "semantic" sets and "shift" (corrupted ID) sets
+    kinds: dict[str, str] = field(default_factory=dict)
+    _built: dict[str, DataSource] = field(default_factory=dict, repr=False)
+
+    def _get(self, key: str, factory: Factory) -> DataSource:
+        if key not in self._built:
+            self._built[key] = factory()
+        return self._built[key]
+
+    @property
+    def id_train(self) -> DataSource:
+        return self._get("__train__", self.train_factory)
+
+    @property
+    def id_test(self) -> DataSource:
+        return self._get("__test__", self.test_factory)
+
+    @property
+    def ood(self) -> dict[str, DataSource]:
+        return {n: self._get(n, f) for n, f in self.ood_factories.items()}
+
+    def add_ood(self, name: str, factory: Factory, kind: str = "semantic") -> None:
+        if name in self.ood_factories:
+            raise OodensError(f"OOD set {name!r} is defined twice: expected unique names")
+        self.ood_factories[name] = factory
+        self.missing.pop(name, None)
+        self.kinds[name] = kind
+
+    def add_corruptions(self, spec: str | None) -> None:
+        """Corrupted copies of the ID test split as covariate-shift sets (``--corruptions``)."""
+        for c, s in parse_corruptions(spec):
+            self.add_ood(f"{self.name}-C/{c}-{s}", lambda c=c, s=s: CorruptedSource(self.id_test, c, s), kind="shift")
 
     def select_ood(self, names: list[str] | None) -> dict[str, DataSource]:
-        """The OOD sets to evaluate: all by default, else the named ones, in the given order."""
+        """The OOD sets to evaluate: all present by default, else the named ones, in the given order."""
         if not names:
-            return dict(self.ood)
-        unknown = [n for n in names if n not in self.ood]
+            if not self.ood_factories:
+                where = "; ".join(f"{n}: {p}" for n, p in self.missing.items())
+                raise OodensError(f"benchmark {self.name!r} has no OOD set on disk (expected {where})")
+            return self.ood
+        unknown = [n for n in names if n not in self.ood_factories]
         if unknown:
+            known = list(self.ood_factories) + list(self.missing)
+            missing = [n for n in unknown if n in self.missing]
+            if missing:
+                raise OodensError(f"OOD set {missing[0]!r} is not on disk: expected {self.missing[missing[0]]}")
             raise OodensError(
                 f"unknown OOD set {', '.join(map(repr, unknown))} for benchmark {self.name!r}: "
-                f"expected one of {', '.join(self.ood)}"
+                f"expected one of {', '.join(known)} (or NAME=PATH for another set)"
             )
-        return {n: self.ood[n] for n in names}
+        return {n: self._get(n, self.ood_factories[n]) for n in names}
 
 
-def _digits() -> Benchmark:
+def source_from_path(name: str, path: Path, imglist_root: Path | None = None) -> Factory:
+    """``--ood NAME=PATH``: a folder of images, an OpenOOD image list (.txt) or an SVHN-style .mat."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise OodensError(f"--ood {name}={path}: no such file or folder (expected an image folder, an image list "
+                          f".txt or a .mat file)")
+    if path.is_dir():
+        return lambda: image_folder(name, "test", path, labelled=False)
+    if path.suffix == ".txt":
+        return lambda: image_list(name, "test", path, imglist_root or path.parent)
+    if path.suffix == ".mat":
+        return lambda: SvhnSource(name, "test", path)
+    raise OodensError(f"--ood {name}={path}: expected an image folder, an image list .txt or a .mat file")
+
+
+# ------------------------------------------------------------------ the benchmark tables
+
+CIFAR_OOD = {
+    "SVHN": ("ood_data/svhn/test_32x32.mat", "svhn"),
+    "LSUN": ("ood_data/LSUN", "folder"),
+    "LSUN_resize": ("ood_data/LSUN_resize", "folder"),
+    "iSUN": ("ood_data/iSUN", "folder"),
+    "Texture": ("ood_data/dtd/images", "folder"),
+    "places365": ("ood_data/places365", "folder"),
+}
+IMAGENET_OOD = {
+    "iNaturalist": ("ood_data/iNaturalist", "folder"),
+    "SUN": ("ood_data/SUN", "folder"),
+    "Places": ("ood_data/Places", "folder"),
+    "Texture": ("ood_data/dtd/images", "folder"),
+}
+
+
+def _ood_table(root: Path, table: dict[str, tuple[str, str]]):
+    present, missing = {}, {}
+    for name, (rel, kind) in table.items():
+        path = root / rel
+        if not path.exists():
+            missing[name] = str(path)
+        elif kind == "svhn":
+            present[name] = lambda name=name, path=path: SvhnSource(name, "test", path)
+        else:
+            present[name] = lambda name=name, path=path: image_folder(name, "test", path, labelled=False)
+    return present, missing
+
+
+def _require(path: Path, what: str, layout: str) -> None:
+    if not path.exists():
+        raise OodensError(f"{what} not found at {path} (expected {layout}; set --data-root DIR or OODENS_DATA)")
+
+
+def _cifar(n: int):
+    def make(root: Path | None) -> Benchmark:
+        root = _need_root(root, f"cifar{n}")
+        folder = root / f"CIFAR{n}"
+        layout = f"{folder}/{'cifar-10-batches-py' if n == 10 else 'cifar-100-python'} in torchvision's python format"
+        _require(folder, f"CIFAR-{n}", layout)
+
+        def split(s):
+            def build():
+                try:
+                    return CifarSource(f"cifar{n}", s, folder, n)
+                except FileNotFoundError as e:
+                    raise OodensError(f"CIFAR-{n} {s} split not found: {e} (expected {layout})") from None
+            return build
+
+        ood, missing = _ood_table(root, CIFAR_OOD)
+        return Benchmark(f"cifar{n}", n, split("train"), split("test"), ood, missing, {k: "semantic" for k in ood})
+    return make
+
+
+def _imagenet(root: Path | None) -> Benchmark:
+    root = _need_root(root, "imagenet")
+    base = root / "imagenet"
+
+    def split(s):
+        def build():
+            _require(base / s, f"ImageNet {s} split", f"{base / s}/<class>/<image> (ImageFolder)")
+            return image_folder("imagenet", s if s == "train" else "test", base / s, labelled=True)
+        return build
+
+    _require(base / "val", "ImageNet val split", f"{base / 'val'}/<class>/<image> (ImageFolder)")
+    ood, missing = _ood_table(root, IMAGENET_OOD)
+    return Benchmark("imagenet", 1000, split("train"), split("val"), ood, missing, {k: "semantic" for k in ood})
+
+
+def _digits(root: Path | None) -> Benchmark:
     from oodens.data import digits
 
     return digits.benchmark()
 
 
-#: benchmark name -> factory. New benchmarks register here.
-BENCHMARKS: dict[str, Callable[[], Benchmark]] = {"digits": _digits}
+def _need_root(root: Path | None, bench: str) -> Path:
+    if root is None:
+        raise OodensError(f"benchmark {bench!r} needs a data root: pass --data-root DIR, set OODENS_DATA, "
+                          f"or data_root in the config file")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise OodensError(f"data root {root} does not exist (expected a folder with the benchmark's datasets)")
+    return root
 
 
-def get_benchmark(name: str) -> Benchmark:
+#: benchmark name -> factory(data root). New benchmarks register here.
+BENCHMARKS: dict[str, Callable[[Path | None], Benchmark]] = {
+    "digits": _digits,
+    "cifar10": _cifar(10),
+    "cifar100": _cifar(100),
+    "imagenet": _imagenet,
+}
+
+
+def data_root(flag: Path | None = None) -> Path | None:
+    """``--data-root``, else ``$OODENS_DATA``, else ``data_root`` in the config file."""
+    if flag is not None:
+        return Path(flag)
+    if os.environ.get("OODENS_DATA"):
+        return Path(os.environ["OODENS_DATA"])
+    from oodens.paths import config
+
+    value = config().get("data_root")
+    return Path(value) if value else None
+
+
+def get_benchmark(name: str, root: Path | None = None) -> Benchmark:
     try:
         factory = BENCHMARKS[name.lower()]
     except KeyError:
         raise OodensError(f"unknown benchmark {name!r}: expected one of {', '.join(BENCHMARKS)}") from None
-    return factory()
+    return factory(root)

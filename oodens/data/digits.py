@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from oodens.data.benchmarks import Benchmark, DataSource
+from oodens.data.benchmarks import Benchmark
+from oodens.data.sources import ArraySource
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 TEST_FRACTION = 0.3
@@ -92,14 +93,16 @@ def noise(n: int = N_FAR, seed: int = 4242):
 
 
 def benchmark() -> Benchmark:
+    ood = {
+        "digits-6789": lambda: ArraySource("digits-6789", "test", digits_6789),
+        "letters": lambda: ArraySource("letters", "test", letters),
+        "noise": lambda: ArraySource("noise", "test", noise),
+    }
     return Benchmark(
         name="digits",
-        id_train=DataSource("digits", "train", id_train),
-        id_test=DataSource("digits", "test", id_test),
-        ood={
-            "digits-6789": DataSource("digits-6789", "test", digits_6789),
-            "letters": DataSource("letters", "test", letters),
-            "noise": DataSource("noise", "test", noise),
-        },
         num_classes=len(ID_CLASSES),
+        train_factory=lambda: ArraySource("digits", "train", id_train),
+        test_factory=lambda: ArraySource("digits", "test", id_test),
+        ood_factories=ood,
+        kinds={k: "semantic" for k in ood},
     )

@@ -1,0 +1,345 @@
+"""Dataset sources: one split of one dataset, in its usual on-disk format.
+
+Every source knows its identity (name, split and a fingerprint), which is part of
+every view's cache key, and yields preprocessed batches for extraction. File-based
+sources fingerprint their file list (relative names and sizes) without reading the
+images, so a warm cache costs no image I/O; in-memory sources hash their content.
+
+Formats: arrays in memory (the digits benchmark), CIFAR-10/100 python batches (as
+torchvision writes them), SVHN ``.mat`` files, image folders (any depth, sorted; an
+ImageFolder layout gives class labels), OpenOOD image lists ("relative/path label"
+per line), and wrappers for a seeded subsample and for corrupted copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from oodens.data.presets import Preset
+from oodens.errors import OodensError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def to_tensor(img) -> torch.Tensor:
+    """uint8 HWC / HW array or PIL image -> float CHW in [0, 1]."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def resize_crop(img: Image.Image, preset: Preset) -> Image.Image:
+    """The preset's geometry: resize the shorter side, then center-crop (to ``crop`` or ``resize``)."""
+    if preset.resize is None:
+        return img
+    w, h = img.size
+    if min(w, h) != preset.resize:
+        s = preset.resize / min(w, h)
+        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    side = preset.crop or preset.resize
+    w, h = img.size
+    if (w, h) != (side, side):
+        left, top = int(round((w - side) / 2)), int(round((h - side) / 2))
+        img = img.crop((left, top, left + side, top + side))
+    return img
+
+
+class _Items(Dataset):
+    """Indexable (image, label) -> (normalised tensor, label) through a preset."""
+
+    def __init__(self, n: int, get: Callable[[int], tuple[object, int]], preset: Preset, channels: int):
+        self.n, self.get, self.preset, self.channels = n, get, preset, channels
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        img, label = self.get(i)
+        if isinstance(img, torch.Tensor):  # already a float CHW tensor in [0, 1]
+            x = img
+        else:
+            if not isinstance(img, Image.Image):
+                a = np.asarray(img)
+                img = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+            img = resize_crop(img.convert("RGB" if self.channels == 3 else "L"), self.preset)
+            x = to_tensor(img)
+        return self.preset.normalize(x[None])[0], label
+
+
+class DataSource(ABC):
+    """One split of one dataset."""
+
+    #: images in this many channels (3 for RGB datasets, 1 for digits)
+    channels: int = 3
+
+    def __init__(self, name: str, split: str):
+        self.name, self.split = name, split
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, {self.split!r})"
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def item(self, i: int) -> tuple[object, int]:
+        """The i-th (image, label): a PIL image / uint8 array, or a float CHW tensor in [0, 1]."""
+
+    @property
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([self.item(i)[1] for i in range(len(self))], dtype=np.int64)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "split": self.split, "fingerprint": self.fingerprint}
+
+    def loader(self, preset: Preset, batch_size: int, workers: int = 0) -> DataLoader:
+        """Batches of (preprocessed images, labels) in dataset order."""
+        ds = _Items(len(self), self.item, preset, self.channels)
+        return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+class ArraySource(DataSource):
+    """Images held in memory: float (N, C, H, W) in [0, 1] or uint8 (N, H, W, C), built lazily by ``build``."""
+
+    def __init__(self, name: str, split: str, build: Callable[[], tuple[np.ndarray, np.ndarray]],
+                 fingerprint: str | None = None):
+        super().__init__(name, split)
+        self.build = build
+        self._fingerprint = fingerprint
+
+    @cached_property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.build()
+        if x.dtype != np.uint8:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        return x, np.ascontiguousarray(y, dtype=np.int64)
+
+    @property
+    def channels(self) -> int:
+        x = self.arrays[0]
+        return x.shape[1] if x.dtype != np.uint8 else (x.shape[3] if x.ndim == 4 else 1)
+
+    def __len__(self):
+        return len(self.arrays[1])
+
+    def item(self, i):
+        x, y = self.arrays
+        img = torch.from_numpy(x[i]) if x.dtype != np.uint8 else x[i]
+        return img, int(y[i])
+
+    @property
+    def labels(self):
+        return self.arrays[1]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        if self._fingerprint:
+            return self._fingerprint
+        x, y = self.arrays
+        h = hashlib.sha256()
+        h.update(f"{x.shape}{x.dtype}".encode())
+        h.update(x.tobytes())
+        h.update(y.tobytes())
+        return h.hexdigest()
+
+    def loader(self, preset: Preset, batch_size: int, workers: int = 0) -> DataLoader:
+        x, y = self.arrays
+        if x.dtype != np.uint8 and (preset.resize is None or preset.resize == x.shape[-1] == x.shape[-2]):
+            # already float CHW at the right size: normalise the whole array at once
+            xs = preset.normalize(torch.from_numpy(x))
+            return DataLoader(torch.utils.data.TensorDataset(xs, torch.from_numpy(y)), batch_size=batch_size)
+        return super().loader(preset, batch_size, workers)
+
+
+def files_fingerprint(root: Path, files: list[Path], extra: str = "") -> str:
+    """sha256 of the relative file names and sizes (no image is read)."""
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        h.update(f"{f.relative_to(root) if f.is_relative_to(root) else f}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: accept only the numpy pieces they are made of."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+
+
+def read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _DataUnpickler(f, encoding="latin1").load()
+    except Exception as e:
+        raise OodensError(f"cannot read CIFAR batch {path}: {e} (expected torchvision's python format)") from e
+
+
+class CifarSource(ArraySource):
+    """CIFAR-10 / CIFAR-100 in torchvision's python format.
+
+    ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}`` or
+    ``root/cifar-100-python/{train,test}`` (``root`` itself holding the files also works).
+    """
+
+    LAYOUT = {
+        10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        100: ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    }
+
+    def __init__(self, name: str, split: str, root: Path, num_classes: int):
+        sub, train, test, self.key = self.LAYOUT[num_classes]
+        root = Path(root)
+        folder = root / sub if (root / sub).is_dir() else root
+        self.files = [folder / f for f in (train if split == "train" else test)]
+        missing = [f for f in self.files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(missing[0])
+        super().__init__(name, split, self._read, files_fingerprint(folder, self.files, f"cifar{num_classes}"))
+
+    def _read(self):
+        xs, ys = [], []
+        for f in self.files:
+            d = read_cifar_batch(f)
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(d[self.key], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+class SvhnSource(ArraySource):
+    """SVHN's ``test_32x32.mat`` (X: 32 x 32 x 3 x N uint8). Used as OOD: labels are -1."""
+
+    def __init__(self, name: str, split: str, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(self.path)
+        super().__init__(name, split, self._read, files_fingerprint(self.path.parent, [self.path], "svhn"))
+
+    def _read(self):
+        from scipy.io import loadmat
+
+        try:
+            x = loadmat(str(self.path), variable_names=["X"])["X"]
+        except Exception as e:
+            raise OodensError(f"cannot read SVHN file {self.path}: {e} (expected test_32x32.mat with X)") from e
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.uint8).transpose(3, 0, 1, 2))
+        return x, np.full(len(x), -1, dtype=np.int64)
+
+
+class FileListSource(DataSource):
+    """Images given as (path, label) pairs, read on demand."""
+
+    def __init__(self, name: str, split: str, root: Path, items: list[tuple[Path, int]], kind: str):
+        super().__init__(name, split)
+        if not items:
+            raise OodensError(f"{name}: no images under {root} (expected {', '.join(IMAGE_SUFFIXES[:4])} files)")
+        self.root, self.items = Path(root), items
+        self._kind = kind
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i):
+        path, label = self.items[i]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.copy(), label
+        except Exception as e:
+            raise OodensError(f"cannot read image {path}: {e}") from e
+
+    @property
+    def labels(self):
+        return np.array([lab for _, lab in self.items], dtype=np.int64)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self._kind.encode())
+        for path, label in self.items:
+            rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+            h.update(f"{rel}\0{label}\0{path.stat().st_size}\n".encode())
+        return h.hexdigest()
+
+
+def image_folder(name: str, split: str, root: Path, labelled: bool) -> FileListSource:
+    """Every image under ``root`` (sorted). ``labelled``: ImageFolder classes = sorted subfolders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(root)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if labelled:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        index = {c: i for i, c in enumerate(classes)}
+        items = [(f, index[f.relative_to(root).parts[0]]) for f in files if len(f.relative_to(root).parts) > 1]
+    else:
+        items = [(f, -1) for f in files]
+    return FileListSource(name, split, root, items, "folder-labelled" if labelled else "folder")
+
+
+def image_list(name: str, split: str, listfile: Path, root: Path, labelled: bool = False) -> FileListSource:
+    """An OpenOOD image list: "relative/path label" per line, paths relative to ``root``."""
+    listfile, root = Path(listfile), Path(root)
+    if not listfile.is_file():
+        raise FileNotFoundError(listfile)
+    items = []
+    for n, line in enumerate(listfile.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().rsplit(maxsplit=1)
+        rel, label = (parts[0], parts[1]) if len(parts) == 2 and parts[1].lstrip("-").isdigit() else (line.strip(), -1)
+        path = root / rel
+        if not path.is_file():
+            raise OodensError(f"{listfile}:{n}: image {path} does not exist (expected paths relative to {root})")
+        items.append((path, int(label) if labelled else -1))
+    return FileListSource(name, split, root, items, "imglist")
+
+
+class SubsetSource(DataSource):
+    """A seeded random subsample (sorted indices) of another source: ``--fit-fraction``."""
+
+    def __init__(self, source: DataSource, fraction: float, seed: int = 0):
+        super().__init__(source.name, source.split)
+        if not 0 < fraction <= 1:
+            raise OodensError(f"--fit-fraction {fraction}: expected a fraction in (0, 1]")
+        self.source, self.fraction, self.seed = source, fraction, seed
+        n = len(source)
+        k = max(1, int(round(n * fraction)))
+        self.index = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        self.channels = source.channels
+
+    def __len__(self):
+        return len(self.index)
+
+    def item(self, i):
+        return self.source.item(int(self.index[i]))
+
+    @property
+    def labels(self):
+        return np.asarray(self.source.labels)[self.index]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.source.fingerprint}/{self.fraction}/{self.seed}".encode()).hexdigest()
+
+    def identity(self) -> dict:
+        return {**self.source.identity(), "fingerprint": self.fingerprint, "fraction": self.fraction, "seed": self.seed}
