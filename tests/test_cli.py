@@ -308,3 +308,59 @@ def test_detector_all_with_a_strategy_applies_it_where_it_fits(two_modes, tmp_pa
     strat = {r["detector"]: r["strategy"] for r in json.loads(out)}
     assert strat["knn"] == strat["msp"] == strat["vim"] == "mean-scores"
     assert strat["pds"] == "ensemble"
+
+
+# ---------------------------------------------------------------- covariate shift, fit fraction, extra sets
+
+
+def test_corruptions_give_shift_rows_accuracy_and_severity_averages(two_modes, tmp_path, capsys):
+    base = ["--modes", str(two_modes), "--cache-dir", str(tmp_path / "c"), "--corruptions", "contrast:1,jpeg:1,jpeg:5"]
+    code, out, err = run(["eval", *base, "--detector", "energy", "--json", "--ood", "noise"], capsys)
+    assert code == 0, err
+    recs = {(r["member"], r["ood"]): r for r in json.loads(out)}
+    c1 = ["digits-C/contrast-1", "digits-C/jpeg-1"]
+    for member in ("seed-1000", "ensemble"):
+        for k in ("auroc", "fpr95", "ood_accuracy"):
+            assert recs[(member, "C-1")][k] == pytest.approx(np.mean([recs[(member, o)][k] for o in c1]))
+        assert recs[(member, "C-5")]["auroc"] == pytest.approx(recs[(member, "digits-C/jpeg-5")]["auroc"])
+    assert recs[("ensemble", "noise")]["kind"] == "semantic" and "ood_accuracy" not in recs[("ensemble", "noise")]
+    assert ("ensemble", "average") not in recs  # one semantic set: no average row
+    # accuracy under shift, recomputed from the exported views of the corrupted set
+    run(["extract", *base, "--export", str(tmp_path / "v")], capsys)
+    folder = tmp_path / "v" / "{m}" / "digits-C_jpeg-5" / "test"
+    zs = [np.load(str(folder).format(m=m) + "/logits.npy") for m in ("seed-1000", "seed-1100")]
+    y = np.load(str(folder).format(m="seed-1000") + "/labels.npy")
+    assert recs[("seed-1100", "digits-C/jpeg-5")]["ood_accuracy"] == pytest.approx(np.mean(zs[1].argmax(1) == y))
+    assert recs[("ensemble", "digits-C/jpeg-5")]["ood_accuracy"] == pytest.approx(
+        np.mean(np.mean(zs, axis=0).argmax(1) == y))
+    code, out, _ = run(["eval", *base, "--detector", "energy", "--ood", "noise"], capsys)
+    assert "acc on set" in out and "C-5" in out
+
+
+def test_fit_fraction_fits_on_a_subsample(two_modes, tmp_path, capsys):
+    base = ["eval", "--modes", str(two_modes), "--cache-dir", str(tmp_path / "c"), "--detector", "knn", "--json",
+            "--knn-k", "5", "--ood", "noise"]
+    _, full, _ = run(base, capsys)
+    code, half, err = run(base + ["--fit-fraction", "0.5"], capsys)
+    assert code == 0 and _extracted(err) == 2  # the subsample is a view of its own
+    assert json.loads(full) != json.loads(half)
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "c").rglob("meta.json")]
+    fractions = {m["dataset"].get("fraction") for m in metas if m["dataset"]["split"] == "train"}
+    assert fractions == {None, 0.5}
+    _bad(["eval", "--modes", str(two_modes), "--fit-fraction", "0", "--detector", "knn"], tmp_path / "c", capsys,
+         "--fit-fraction 0")
+
+
+def test_extra_ood_sets_from_a_folder_and_an_image_list(two_modes, tmp_path, capsys):
+    from datasets import write_images
+
+    paths = write_images(tmp_path / "imgs" / "x", 7, size=(8, 8))
+    lst = tmp_path / "mine.txt"
+    lst.write_text("".join(f"x/{p.name} 0\n" for p in paths[:4]))
+    code, out, err = run(["eval", "--modes", str(two_modes), "--cache-dir", str(tmp_path / "c"), "--json",
+                          "--ood", f"noise,folder={tmp_path / 'imgs'}", "--imglist", str(lst), "--imglist-root",
+                          str(tmp_path / "imgs"), "--preset", "digits"], capsys)
+    assert code == 0, err
+    assert {r["ood"] for r in json.loads(out)} == {"noise", "folder", "mine", "average"}
+    _bad(["eval", "--modes", str(two_modes), "--ood", f"gone={tmp_path / 'nope'}"], tmp_path / "c", capsys,
+         "no such file or folder")

@@ -166,5 +166,5 @@ class CorruptedSource(DataSource):
         return hashlib.sha256(f"{self.source.fingerprint}/{self.corruption}/{self.severity}/v1".encode()).hexdigest()
 
     def loader(self, preset: Preset, batch_size: int, workers: int = 0) -> DataLoader:
-        ds = _Items(len(self), partial(self.item, preset=preset), preset, self.channels)
+        ds = _Items(len(self), partial(self.item, preset=preset), preset, len(preset.mean))
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -36,7 +36,7 @@ def to_tensor(img) -> torch.Tensor:
     a = np.asarray(img)
     if a.ndim == 2:
         a = a[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float().div_(255.0)
+    return torch.from_numpy(np.array(a.transpose(2, 0, 1), dtype=np.float32)).div_(255.0)
 
 
 def resize_crop(img: Image.Image, preset: Preset) -> Image.Image:
@@ -56,7 +56,9 @@ def resize_crop(img: Image.Image, preset: Preset) -> Image.Image:
 
 
 class _Items(Dataset):
-    """Indexable (image, label) -> (normalised tensor, label) through a preset."""
+    """Indexable (image, label) -> (normalised tensor, label) through a preset.
+
+    Images are converted to the preset's channel count (RGB, or grey for 1-channel presets)."""
 
     def __init__(self, n: int, get: Callable[[int], tuple[object, int]], preset: Preset, channels: int):
         self.n, self.get, self.preset, self.channels = n, get, preset, channels
@@ -109,7 +111,7 @@ class DataSource(ABC):
 
     def loader(self, preset: Preset, batch_size: int, workers: int = 0) -> DataLoader:
         """Batches of (preprocessed images, labels) in dataset order."""
-        ds = _Items(len(self), self.item, preset, self.channels)
+        ds = _Items(len(self), self.item, preset, len(preset.mean))
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
