@@ -5,7 +5,11 @@ mode name, ``"mean"``/``"std"`` (over modes, sample std), ``"ensemble"``, or for
 ensemble-size sweep ``"subsets-<k>-mean"``/``"subsets-<k>-std"`` (over the k-of-N
 subsets, with ``n_subsets``). ``ood`` is an OOD set name, ``"average"`` (mean over the
 semantic OOD sets, taken per row before mean/std; only when there are several) or
-``"C-<s>"`` (mean over the covariate-shift sets of severity s). Records of
+``"near"``/``"far"`` (means over the benchmark's near-/far-OOD sets, when it names both) or
+``"C-<s>"`` (mean over the covariate-shift sets of severity s). Every row also carries the
+ID-test quality ``id_accuracy`` (argmax of the averaged logits for the ensemble) and
+``id_nll``, ``id_brier``, ``id_ece`` (15 bins; the ensemble's predictive distribution is the
+mean of the members' softmax). Records of
 covariate-shift sets (``kind: "shift"``) also carry ``ood_accuracy``, the accuracy on
 the corrupted images. Metric values are fractions.
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from oodens import calibration as cal
 from oodens.detectors import get_detector
 from oodens.metrics import METRICS, accuracy, ood_metrics
 from oodens.strategies import ensemble_scores, resolve_strategy
@@ -53,13 +58,23 @@ def subsets(n: int, k: int, max_subsets: int, seed: int = 0) -> list[tuple[int, 
 
 
 def _groups(kinds: dict[str, str]) -> dict[str, list[str]]:
-    """Rows that average other rows: "average" over semantic sets, "C-<s>" over shift sets of severity s."""
+    """Rows that average other rows: "average" over semantic sets (and "near"/"far" over the
+    benchmark's near- and far-OOD sets when it names both), "C-<s>" over shift sets of severity s."""
     semantic = [o for o, k in kinds.items() if k != "shift"]
     groups = {AVERAGE: semantic} if len(semantic) > 1 else {}
+    near, far = [o for o, k in kinds.items() if k == "near"], [o for o, k in kinds.items() if k == "far"]
+    if near and far:  # a group of one set would only repeat that set's row
+        groups.update({name: sets for name, sets in (("near", near), ("far", far)) if len(sets) > 1})
     for o, k in kinds.items():
         if k == "shift":
             groups.setdefault(f"C-{o.rsplit('-', 1)[1]}", []).append(o)
     return groups
+
+
+def _row_kind(ood: str, kinds: dict[str, str]) -> str:
+    if ood in kinds:
+        return kinds[ood]
+    return "shift-average" if ood.startswith("C-") else "average"
 
 
 def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str,
@@ -118,8 +133,16 @@ def evaluate_detector(
         return each, accuracy(np.mean([np.asarray(views[i].logits, dtype=np.float64) for i in idx], axis=0), labels)
 
     everyone = list(range(len(members)))
+    labels = np.asarray(id_test[0].labels)
+    member_probs = [cal.probs(v.logits) for v in id_test]
+    idq = {m: {f"id_{k}": v for k, v in cal.quality(member_probs[i], labels).items() if k != "accuracy"}
+           for i, m in enumerate(members)}
+    idq["ensemble"] = {f"id_{k}": v for k, v in cal.quality(np.mean(member_probs, axis=0), labels).items()
+                       if k != "accuracy"}
     each, ens_acc = accuracies(id_test, everyone)
     acc = {**{members[i]: a for i, a in each.items()}, "ensemble": ens_acc}
+    for m in idq:
+        idq[m] = {"id_accuracy": acc[m], **idq[m]}
     shift_acc = {o: accuracies(oods[o], everyone) for o, k in kinds.items() if k == "shift"}
 
     metrics = {m: _metrics(s, kinds, positive, {o: a[0][i] for o, a in shift_acc.items()})
@@ -131,18 +154,15 @@ def evaluate_detector(
             "n_members": len(members)}
     records = []
     for ood in rows_oods:
-        base["kind"] = kinds.get(ood, "shift-average" if ood.startswith("C-") else "average")
+        base["kind"] = _row_kind(ood, kinds)
         if per_member:
             for m in members:
-                records.append({**base, "member": m, "ood": ood, **metrics[m][ood], "id_accuracy": acc[m]})
-            stacked = {k: [metrics[m][ood][k] for m in members] for k in metrics[members[0]][ood]}
-            accs = [acc[m] for m in members]
-            records.append({**base, "member": "mean", "ood": ood, **{k: float(np.mean(v)) for k, v in stacked.items()},
-                            "id_accuracy": float(np.mean(accs))})
-            records.append({**base, "member": "std", "ood": ood, **{k: _std(v) for k, v in stacked.items()},
-                            "id_accuracy": _std(accs)})
-        records.append({**base, "member": "ensemble", "ood": ood, **metrics["ensemble"][ood],
-                        "id_accuracy": acc["ensemble"]})
+                records.append({**base, "member": m, "ood": ood, **metrics[m][ood], **idq[m]})
+            stacked = {k: [{**metrics[m][ood], **idq[m]}[k] for m in members]
+                       for k in {**metrics[members[0]][ood], **idq[members[0]]}}
+            records.append({**base, "member": "mean", "ood": ood, **{k: float(np.mean(v)) for k, v in stacked.items()}})
+            records.append({**base, "member": "std", "ood": ood, **{k: _std(v) for k, v in stacked.items()}})
+        records.append({**base, "member": "ensemble", "ood": ood, **metrics["ensemble"][ood], **idq["ensemble"]})
 
     for k in ensemble_sizes:
         if cls.ensemble_only and k < 2:
@@ -157,7 +177,7 @@ def evaluate_detector(
                                        {o: accuracies(oods[o], list(sub))[1] for o in shift_acc}))
             sub_acc.append(accuracies(id_test, list(sub))[1])
         for ood in rows_oods:
-            base["kind"] = kinds.get(ood, "shift-average" if ood.startswith("C-") else "average")
+            base["kind"] = _row_kind(ood, kinds)
             vals = {key: [ms[ood][key] for ms in per_subset] for key in per_subset[0][ood]}
             extra = {"n_subsets": len(chosen), "ensemble_size": k}
             records.append({**base, "member": f"subsets-{k}-mean", "ood": ood, **extra,

@@ -49,7 +49,7 @@ def test_eval_json_records_save_scores_and_results_store(two_modes, tmp_path, ca
     assert all(RECORD_KEYS <= r.keys() for r in recs)
     members = {r["member"] for r in recs}
     assert members == {"seed-1000", "seed-1100", "mean", "std", "ensemble"}
-    assert {r["ood"] for r in recs} == {"digits-6789", "letters", "noise", "average"}
+    assert {r["ood"] for r in recs} == {"digits-6789", "letters", "noise", "average", "far"}
     assert all(0.0 <= r[k] <= 1.0 for r in recs for k in ("fpr95", "auroc", "aupr_in", "aupr_out"))
 
     # ensemble scores = max softmax of the averaged logits, recomputed from exported views
@@ -323,7 +323,7 @@ def test_corruptions_give_shift_rows_accuracy_and_severity_averages(two_modes, t
         for k in ("auroc", "fpr95", "ood_accuracy"):
             assert recs[(member, "C-1")][k] == pytest.approx(np.mean([recs[(member, o)][k] for o in c1]))
         assert recs[(member, "C-5")]["auroc"] == pytest.approx(recs[(member, "digits-C/jpeg-5")]["auroc"])
-    assert recs[("ensemble", "noise")]["kind"] == "semantic" and "ood_accuracy" not in recs[("ensemble", "noise")]
+    assert recs[("ensemble", "noise")]["kind"] == "far" and "ood_accuracy" not in recs[("ensemble", "noise")]
     assert ("ensemble", "average") not in recs  # one semantic set: no average row
     # accuracy under shift, recomputed from the exported views of the corrupted set
     run(["extract", *base, "--export", str(tmp_path / "v")], capsys)

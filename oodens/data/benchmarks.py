@@ -36,7 +36,8 @@ class Benchmark:
     ood_factories: dict[str, Factory] = field(repr=False)
     #: OOD set name -> expected location, for the sets the benchmark names but the disk lacks
     missing: dict[str, str] = field(default_factory=dict)
-    #: "semantic" sets and "shift" (corrupted ID) sets
+    #: "near" / "far" (semantic shift, as the benchmark classes them; "semantic" when unclassed) and
+    #: "shift" (corrupted ID test copies: covariate shift)
     kinds: dict[str, str] = field(default_factory=dict)
     _built: dict[str, DataSource] = field(default_factory=dict, repr=False)
 
@@ -156,7 +157,7 @@ def _cifar(n: int):
             return build
 
         ood, missing = _ood_table(root, CIFAR_OOD)
-        return Benchmark(f"cifar{n}", n, split("train"), split("test"), ood, missing, {k: "semantic" for k in ood})
+        return Benchmark(f"cifar{n}", n, split("train"), split("test"), ood, missing, {k: "far" for k in ood})
     return make
 
 
@@ -172,7 +173,7 @@ def _imagenet(root: Path | None) -> Benchmark:
 
     _require(base / "val", "ImageNet val split", f"{base / 'val'}/<class>/<image> (ImageFolder)")
     ood, missing = _ood_table(root, IMAGENET_OOD)
-    return Benchmark("imagenet", 1000, split("train"), split("val"), ood, missing, {k: "semantic" for k in ood})
+    return Benchmark("imagenet", 1000, split("train"), split("val"), ood, missing, {k: "far" for k in ood})
 
 
 def _digits(root: Path | None) -> Benchmark:

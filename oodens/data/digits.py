@@ -104,5 +104,5 @@ def benchmark() -> Benchmark:
         train_factory=lambda: ArraySource("digits", "train", id_train),
         test_factory=lambda: ArraySource("digits", "test", id_test),
         ood_factories=ood,
-        kinds={k: "semantic" for k in ood},
+        kinds={"digits-6789": "near", "letters": "far", "noise": "far"},
     )
