@@ -86,29 +86,40 @@ def _root(
 
 @dataclass
 class Plan:
-    """What a command works on: the modes, the benchmark, the sets to extract, the cache."""
+    """What a command works on: the modes, the benchmark, the OOD sets, the cache."""
 
     modes: list
     bench: object
     cache: object
-    train: object  # the ID training source used for fitting (maybe a subsample)
     oods: dict
+    fit_fraction: float = 1.0
+    _train: object = None
+
+    @property
+    def train(self):
+        """The ID training source used for fitting (a seeded subsample with --fit-fraction); built on first use,
+        so commands whose detectors fit nothing never list the training split."""
+        if self._train is None:
+            from oodens.data.sources import SubsetSource
+
+            full = self.bench.id_train
+            self._train = full if self.fit_fraction >= 1 else SubsetSource(full, self.fit_fraction)
+        return self._train
 
 
 def _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root, corruptions,
           fit_fraction, cache_dir) -> Plan:
+    from oodens.data import BENCHMARKS, get_benchmark, get_preset, source_from_path
     from oodens.data import data_root as resolve_root
-    from oodens.data import get_benchmark, get_preset, source_from_path
-    from oodens.data.sources import SubsetSource
     from oodens.modes import ModeFlags, discover_modes
     from oodens.views import ViewCache
-
-    from oodens.data import BENCHMARKS
 
     if preset is not None:
         get_preset(preset)
     if benchmark is not None and benchmark.lower() not in BENCHMARKS:
         raise OodensError(f"unknown benchmark {benchmark!r}: expected one of {', '.join(BENCHMARKS)}")
+    if not 0 < fit_fraction <= 1:
+        raise OodensError(f"--fit-fraction {fit_fraction}: expected a fraction in (0, 1]")
     modes = discover_modes(modes_dir or shipped_modes_dir(), ModeFlags(arch, num_classes, preset, benchmark))
     root = resolve_root(data_root)
     bench = get_benchmark(benchmark or modes[0].dataset, root)
@@ -117,28 +128,25 @@ def _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imgli
             f"modes in {modes_dir or shipped_modes_dir()} have {modes[0].num_classes} classes but benchmark "
             f"{bench.name!r} has {bench.num_classes}: expected modes trained on {bench.name}"
         )
-    selected = []
+    selected, added = [], []  # the benchmark's sets picked by name; sets defined on the command line
     for entry in (e.strip() for e in (ood or "").split(",") if e.strip()):
         name, eq, path = entry.partition("=")
         if eq:
             bench.add_ood(name, source_from_path(name, Path(path), imglist_root or root))
+            added.append(name)
         else:
             selected.append(name)
-    extra = [e.split("=")[0].strip() for e in (ood or "").split(",") if "=" in e]
     for lst in imglist or []:
         bench.add_ood(Path(lst).stem, source_from_path(Path(lst).stem, Path(lst), imglist_root or root))
-        extra.append(Path(lst).stem)
-    shift_before = set(bench.ood_factories)
+        added.append(Path(lst).stem)
+    before = set(bench.ood_factories)
     bench.add_corruptions(corruptions)
-    extra += [n for n in bench.ood_factories if n not in shift_before]
+    added += [n for n in bench.ood_factories if n not in before]
     if not selected and bench.missing:
         stderr.print("[yellow]warning:[/] OOD sets not on disk, skipped: "
                      + "; ".join(f"{n} (expected {p})" for n, p in bench.missing.items()))
-    oods = bench.select_ood(selected + extra if selected else None)
-    train = bench.id_train if fit_fraction >= 1 else SubsetSource(bench.id_train, fit_fraction)
-    if not 0 < fit_fraction <= 1:
-        raise OodensError(f"--fit-fraction {fit_fraction}: expected a fraction in (0, 1]")
-    return Plan(modes, bench, ViewCache(cache_dir or default_cache_dir()), train, oods)
+    oods = bench.select_ood(selected + added if selected else None)
+    return Plan(modes, bench, ViewCache(cache_dir or default_cache_dir()), oods, fit_fraction)
 
 
 @app.command()
