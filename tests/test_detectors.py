@@ -14,6 +14,8 @@ from oodens.errors import OodensError
 from oodens.strategies import STRATEGIES, resolve_strategy
 from oodens.views import Views
 
+from reference import normalise64 as _normalise64, ref_knn, ref_mahalanobis
+
 # ----------------------------------------------------------------------------
 # reference formulas
 # ----------------------------------------------------------------------------
@@ -39,41 +41,6 @@ def ref_energy(z, T=1.0):
     for i, row in enumerate(z):
         m = row.max()
         out[i] = m + T * np.log(np.sum(np.exp((row - m) / T)))
-    return out
-
-
-def _normalise64(x):
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.sqrt((x * x).sum(axis=1, keepdims=True))
-
-
-def ref_knn(train_feats, query_feats, k):
-    bank = _normalise64(train_feats)
-    q = _normalise64(query_feats)
-    d = np.sqrt(((q[:, None, :] - bank[None, :, :]) ** 2).sum(axis=2))  # (nq, nb)
-    return -np.sort(d, axis=1)[:, k - 1]
-
-
-def ref_mahalanobis(train_feats, train_labels, query_feats):
-    h = np.asarray(train_feats, dtype=np.float64)
-    y = np.asarray(train_labels)
-    classes = sorted(set(y.tolist()))
-    means = {c: h[y == c].mean(axis=0) for c in classes}
-    D = h.shape[1]
-    cov = np.zeros((D, D))
-    for i in range(len(h)):
-        r = h[i] - means[y[i]]
-        cov += np.outer(r, r)
-    cov /= len(h)
-    P = np.linalg.pinv(cov)
-    q = np.asarray(query_feats, dtype=np.float64)
-    out = np.empty(len(q))
-    for i in range(len(q)):
-        best = np.inf
-        for c in classes:
-            r = q[i] - means[c]
-            best = min(best, float(r @ P @ r))
-        out[i] = -best
     return out
 
 
