@@ -14,7 +14,7 @@ from oodens.errors import OodensError
 from oodens.strategies import STRATEGIES, resolve_strategy
 from oodens.views import Views
 
-from reference import normalise64 as _normalise64, ref_knn, ref_mahalanobis
+from reference import ref_knn, ref_mahalanobis
 
 # ----------------------------------------------------------------------------
 # reference formulas
