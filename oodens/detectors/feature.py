@@ -2,7 +2,9 @@
 
 Default ensemble strategy ``concat``: concatenate the members' features (per-member
 L2-normalised for knn) and fit on the concatenated ID training features.
-Both work in query chunks so memory stays bounded on large OOD sets.
+Both fit and score in blocks of ``CHUNK`` rows, so memory beyond the (memory-mapped)
+features stays bounded: knn holds the normalised bank in its faiss index, mahalanobis
+holds class means and one D x D matrix.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ class KNN(FeatureDetector):
     def fit(self, train: Views) -> "KNN":
         import faiss
 
-        bank = np.ascontiguousarray(l2_normalize(train.features))
-        if not 1 <= self.k <= len(bank):
-            raise OodensError(f"--knn-k {self.k} is out of range: expected 1..{len(bank)} (the ID training set size)")
-        self._index = faiss.IndexFlatL2(bank.shape[1])
-        self._index.add(bank)
+        feats = train.features
+        if not 1 <= self.k <= len(feats):
+            raise OodensError(f"--knn-k {self.k} is out of range: expected 1..{len(feats)} (the ID training set size)")
+        self._index = faiss.IndexFlatL2(feats.shape[1])
+        for s in range(0, len(feats), CHUNK):  # normalise and add block by block: no full float32 copy
+            self._index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
         return self
 
     def score(self, views: Views) -> np.ndarray:
@@ -83,15 +86,20 @@ class Mahalanobis(FeatureDetector):
     _precision: np.ndarray = field(default=None, init=False, repr=False, compare=False)
 
     def fit(self, train: Views) -> "Mahalanobis":
-        h = np.asarray(train.features, dtype=np.float64)
-        y = np.asarray(train.labels)
-        classes = np.unique(y)
+        feats, y = train.features, np.asarray(train.labels)
         if (y < 0).any():
             raise OodensError("mahalanobis needs labelled ID training features (labels >= 0)")
-        self._means = np.stack([h[y == c].mean(axis=0) for c in classes])
-        centred = h - self._means[np.searchsorted(classes, y)]
-        cov = centred.T @ centred / len(h)
-        self._precision = np.linalg.pinv(cov, hermitian=True)
+        classes, idx, counts = np.unique(y, return_inverse=True, return_counts=True)
+        d = feats.shape[1]
+        sums = np.zeros((len(classes), d))
+        for s in range(0, len(feats), CHUNK):  # two passes over the features in blocks: bounded memory
+            np.add.at(sums, idx[s : s + CHUNK], np.asarray(feats[s : s + CHUNK], dtype=np.float64))
+        self._means = sums / counts[:, None]
+        scatter = np.zeros((d, d))
+        for s in range(0, len(feats), CHUNK):
+            centred = np.asarray(feats[s : s + CHUNK], dtype=np.float64) - self._means[idx[s : s + CHUNK]]
+            scatter += centred.T @ centred
+        self._precision = np.linalg.pinv(scatter / len(feats), hermitian=True)
         return self
 
     def score(self, views: Views) -> np.ndarray:
