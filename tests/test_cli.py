@@ -67,6 +67,12 @@ def test_eval_json_records_save_scores_and_results_store(two_modes, tmp_path, ca
                                        for m in ("seed-1000", "seed-1100")], 0), axis=1).max(1),
                       np.load(tmp_path / "scores" / "msp-mean-logits" / "ensemble" / "noise.npy"))
     assert ens["auroc"] == pytest.approx(ref["auroc"]) and ens["fpr95"] == pytest.approx(ref["fpr95"])
+    # ID quality of the ensemble: its distribution is the mean of the members' softmax
+    y = np.load(v / "seed-1000" / "digits" / "test" / "labels.npy")
+    p_bar = np.mean([softmax(np.load(v / m / "digits" / "test" / "logits.npy").astype(np.float64), axis=1)
+                     for m in ("seed-1000", "seed-1100")], axis=0)
+    assert ens["id_nll"] == pytest.approx(-np.mean(np.log(p_bar[np.arange(len(y)), y])))
+    assert ens["id_brier"] == pytest.approx(np.mean(((p_bar - np.eye(6)[y]) ** 2).sum(1)))
 
     # the results store holds this run; the same settings again replace it instead of duplicating
     runs = list((tmp_path / "res" / "runs").glob("*.json"))
