@@ -372,6 +372,10 @@ def _with_detector_options(func):
 app.command("eval")(_with_detector_options(eval_cmd))
 
 
+from oodens.report import report_cmd  # noqa: E402
+app.command("report")(report_cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the app, turning user errors into one line and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,737 @@
+"""``oodens report``: tables, statistics and plots from the results store that ``oodens eval`` fills.
+
+Records become one pandas DataFrame (:func:`load_frame`, one row per record, settings merged in);
+the table builders turn it into :class:`Table` objects (wide frames of formatted cells, as in the
+papers) that render to the terminal (rich), Markdown (tabulate) or LaTeX (booktabs ``tabular``).
+CSV and JSON exports are the long/tidy form (:func:`tidy`: one row per record and metric).
+
+Tables, one set per mode set x benchmark x metric convention:
+- ``ood``: per metric, rows = detector x (each mode, mean ± std, ensemble), columns = OOD sets and
+  their averages (near/far/average);
+- ``stats``: per metric, detector x OOD set: modes' mean with its t-interval, std, min–max, the
+  ensemble, and a one-sided t-test of ensemble vs modes with Holm correction (oodens.stats);
+- ``id``: ID accuracy, NLL, Brier, ECE per mode, mean ± std, ensemble;
+- ``shift``: accuracy on covariate-shift sets (each corruption and the C-1..C-5 severity averages);
+- ``size``: metric against the number of modes k (mean ± std over k-of-N subsets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import typer
+
+from oodens import calibration as cal
+from oodens import stats
+from oodens.errors import OodensError
+from oodens.metrics import METRICS
+from oodens.output import CONVENTION
+from oodens.paths import default_results_dir, safe_name
+
+QUALITY = ("id_accuracy", "id_nll", "id_brier", "id_ece")
+VALUES = METRICS + QUALITY + ("ood_accuracy",)
+DEFAULT_METRICS = ("fpr95", "auroc")
+LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
+          "detection_error": "Det. error", "id_accuracy": "Accuracy", "id_nll": "NLL", "id_brier": "Brier",
+          "id_ece": "ECE", "ood_accuracy": "Acc. on set"}
+NOT_PERCENT = {"id_nll", "id_brier"}
+FAMILY = ["benchmark", "modes", "positive"]  # one set of tables per mode set, benchmark and convention
+KEYS = ["benchmark", "modes", "arch", "positive", "detector", "strategy", "params", "fit_fraction", "setting",
+        "n_members", "member", "role", "ood", "kind", "n_subsets", "ensemble_size"]
+TABLES = ("ood", "stats", "id", "shift", "size")
+GROUP_BY = ("metric", "detector")
+
+
+# --------------------------------------------------------------------------- records -> frame
+
+def member_role(member: str) -> str:
+    """mode, mean, std, ensemble, subsets-mean or subsets-std."""
+    if member in ("mean", "std", "ensemble"):
+        return member
+    if member.startswith("subsets-"):
+        return "subsets-" + member.rsplit("-", 1)[1]
+    return "mode"
+
+
+def setting_name(detector: str, strategy: str, params: dict, fit_fraction: float = 1.0) -> str:
+    """``knn · concat (k=50)``: what tells two evaluations of a mode set apart."""
+    extra = [f"{k}={v}" for k, v in sorted(params.items())] + ([f"fit={fit_fraction:g}"] if fit_fraction != 1 else [])
+    return f"{detector} · {strategy}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per record: the KEYS columns and every metric (fractions; NaN where a record has none).
+    Duplicate rows (the same setting stored twice) keep the last one."""
+    rows = []
+    for r in records:
+        params = r.get("params") or {}
+        fit = float(r.get("fit_fraction", 1.0))
+        row = {"benchmark": r.get("benchmark", ""), "modes": r.get("modes", ""), "arch": r.get("arch", ""),
+               "positive": r.get("positive", "id"), "detector": r["detector"], "strategy": r["strategy"],
+               "params": json.dumps(params, sort_keys=True), "fit_fraction": fit,
+               "setting": setting_name(r["detector"], r["strategy"], params, fit), "n_members": int(r["n_members"]),
+               "member": r["member"], "role": member_role(r["member"]), "ood": r["ood"], "kind": r["kind"],
+               "n_subsets": float(r.get("n_subsets", math.nan)),
+               "ensemble_size": float(r.get("ensemble_size", math.nan))}
+        row.update({k: float(r[k]) if r.get(k) is not None else math.nan for k in VALUES})
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=KEYS + list(VALUES))
+    return frame.drop_duplicates(FAMILY + ["setting", "member", "ood"], keep="last").reset_index(drop=True)
+
+
+def load_frame(results_dir: Path) -> pd.DataFrame:
+    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins)."""
+    files = sorted((Path(results_dir) / "runs").glob("*.json"))
+    if not files:
+        raise OodensError(f"no results in {results_dir}: run `oodens eval` first (or point --results at the folder "
+                          "it wrote)")
+    runs = []
+    for f in files:
+        try:
+            run = json.loads(f.read_text())
+            runs.append((run.get("created", ""), records_frame([{**run["settings"], **r} for r in run["records"]])))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OodensError(f"cannot read results file {f}: {type(e).__name__}: {e} (expected a run written by "
+                              "`oodens eval`)") from e
+    runs.sort(key=lambda r: r[0])
+    frame = pd.concat([r[1] for r in runs], ignore_index=True)
+    return frame.drop_duplicates(FAMILY + ["setting", "member", "ood"], keep="last").reset_index(drop=True)
+
+
+def _names(spec: Optional[str]) -> list[str]:
+    return [s.strip() for s in (spec or "").split(",") if s.strip()]
+
+
+def parse_metrics(spec: Optional[str]) -> list[str]:
+    """``--metric``: a comma list of OOD metrics."""
+    names = _names(spec)
+    bad = [m for m in names if m not in METRICS]
+    if bad:
+        raise OodensError(f"unknown metric {bad[0]!r}: expected one of {', '.join(METRICS)} (comma list)")
+    return names
+
+
+def filter_frame(frame: pd.DataFrame, detector: Optional[str] = None, strategy: Optional[str] = None,
+                 modes: Optional[str] = None, ood: Optional[str] = None, where: str = "the results") -> pd.DataFrame:
+    """Keep the records of the named detectors, strategy, mode sets (path substring) and OOD sets."""
+    def keep(column, wanted, flag):
+        have = list(dict.fromkeys(frame[column]))
+        bad = [w for w in wanted if w not in have]
+        if bad:
+            raise OodensError(f"{flag} {bad[0]!r}: not in {where}; expected one of {', '.join(map(str, have))}")
+        return frame[column].isin(wanted)
+
+    if detector and detector.strip() != "all":
+        frame = frame[keep("detector", _names(detector), "--detector")]
+    if strategy:
+        frame = frame[keep("strategy", _names(strategy), "--strategy")]
+    if modes:
+        hit = frame["modes"].str.contains(modes, regex=False)
+        if not hit.any():
+            raise OodensError(f"--modes {modes!r} matches no mode set in {where}; expected a substring of one of "
+                              f"{', '.join(dict.fromkeys(frame['modes']))}")
+        frame = frame[hit]
+    if ood:
+        frame = frame[keep("ood", _names(ood), "--ood")]
+    return frame.reset_index(drop=True)
+
+
+def tidy(frame: pd.DataFrame, metrics=VALUES) -> pd.DataFrame:
+    """Long form: one row per record and metric (``metric``, ``value``), records without the metric dropped."""
+    long = frame.melt(id_vars=KEYS, value_vars=list(metrics), var_name="metric", value_name="value")
+    return long.dropna(subset=["value"]).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- formatting
+
+def fmt(x: float, metric: str) -> str:
+    """Percent with one decimal (NLL and Brier as they are, three decimals); NaN as an em dash."""
+    if x is None or not np.isfinite(x):
+        return "—"
+    return f"{x:.3f}" if metric in NOT_PERCENT else f"{100 * x:.1f}"
+
+
+def fmt_mean_std(values, metric: str) -> str:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return "—"
+    return fmt(v.mean(), metric) + (f" ± {fmt(v.std(ddof=1), metric)}" if len(v) > 1 else "")
+
+
+def fmt_p(p: float) -> str:
+    if not np.isfinite(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def arrow(metric: str) -> str:
+    return "↓" if stats.lower_is_better(metric) else "↑"
+
+
+# --------------------------------------------------------------------------- tables
+
+@dataclass
+class Table:
+    """A wide table of formatted cells; the first ``labels`` columns name the rows. Consecutive rows with
+    the same first label form a block (one detector), separated by a rule when rendered."""
+
+    kind: str
+    title: str
+    caption: str
+    frame: pd.DataFrame
+    labels: int = 1
+
+
+def families(frame: pd.DataFrame, keys=FAMILY):
+    """(title, {key: value}, sub-frame) per mode set x benchmark (x convention: ``keys``)."""
+    for key, sub in frame.groupby(keys, sort=False):
+        info = dict(zip(keys, key))
+        n = int(sub["n_members"].max())
+        title = f"{info['benchmark']} · {n} mode{'s' if n != 1 else ''} of {sub['arch'].iloc[0]} ({info['modes']})"
+        yield title, info, sub
+
+
+def _setting_order(sub: pd.DataFrame) -> list[str]:
+    from oodens.detectors import DETECTORS
+
+    order = {name: i for i, name in enumerate(DETECTORS)}
+    first = dict(zip(sub["setting"], sub["detector"]))
+    return sorted(first, key=lambda s: (order.get(first[s], len(order)), s))
+
+
+def setting_labels(sub: pd.DataFrame) -> dict[str, str]:
+    """Row labels: ``detector · strategy``, with the parameters only where one detector has several."""
+    first = sub.drop_duplicates("setting").set_index("setting")
+    out = {}
+    for s, r in first.iterrows():
+        same = first[(first["detector"] == r["detector"]) & (first["strategy"] == r["strategy"])]
+        out[s] = s if len(same) > 1 else f"{r['detector']} · {r['strategy']}"
+    return out
+
+
+def ood_columns(sub: pd.DataFrame, wanted: Optional[list[str]] = None) -> list[str]:
+    """The OOD sets named in ``wanted`` (in that order), else the semantic sets then near/far/average."""
+    order = list(dict.fromkeys(sub["ood"]))
+    if wanted:
+        return [o for o in wanted if o in order]
+    kinds = sub.drop_duplicates("ood").set_index("ood")["kind"]
+    return ([o for o in order if kinds[o] in ("near", "far", "semantic")]
+            + [o for o in ("near", "far", "average") if o in order])
+
+
+def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]]) -> list[list[str]]:
+    """[label, *cells] for each mode, mean ± std over modes and the ensemble; ``cells`` = (metric, ood) pairs."""
+    modes = block[block["role"] == "mode"]
+    rows = []
+    mats = {m: modes.pivot_table(index="member", columns="ood", values=m, aggfunc="first", dropna=False)
+            for m in dict.fromkeys(m for m, _ in cells)}
+
+    def cell(mat, name, ood, metric):
+        return fmt(mat.at[name, ood], metric) if name in mat.index and ood in mat.columns else "—"
+
+    names = sorted(modes["member"].unique())
+    for name in names:
+        rows.append([name] + [cell(mats[m], name, o, m) for m, o in cells])
+    if len(names) > 1:
+        rows.append(["mean ± std"] + [fmt_mean_std(mats[m][o] if o in mats[m].columns else [], m) for m, o in cells])
+    ens = block[block["role"] == "ensemble"].set_index("ood")
+    if len(ens):
+        rows.append([f"ensemble ({int(ens['n_members'].iloc[0])})"]
+                    + [fmt(ens.at[o, m], m) if o in ens.index else "—" for m, o in cells])
+    return rows
+
+
+def _caption(positive: str) -> str:
+    return (f"{CONVENTION[positive]}. Values in %; mean ± std over modes (sample std); ensemble (N): the N modes "
+            "combined with the detector's strategy.")
+
+
+def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
+               group_by: str = "metric") -> list[Table]:
+    """The papers' OOD table. ``group_by="metric"``: one table per metric, rows = detector x member,
+    columns = OOD sets; ``"detector"``: one table per detector, rows = metric x OOD set, columns = members."""
+    out = []
+    for title, info, sub in families(frame):
+        cols = ood_columns(sub, oods)
+        if not cols:
+            continue
+        labels = setting_labels(sub)
+        settings = _setting_order(sub)
+        if group_by == "metric":
+            for m in metrics:
+                rows = [[labels[s], *r] for s in settings for r in _member_rows(sub[sub["setting"] == s],
+                                                                                 [(m, o) for o in cols])]
+                out.append(Table("ood", f"{LABELS[m]} {arrow(m)} · {title}", _caption(info["positive"]),
+                                 pd.DataFrame(rows, columns=["detector", "member", *cols]), 2))
+        else:  # members as columns, metric x OOD set as rows
+            pairs = [(m, o) for m in metrics for o in cols]
+            for s in settings:
+                rows = _member_rows(sub[sub["setting"] == s], pairs)
+                wide = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows]).T
+                wide.insert(0, "OOD set", cols * len(metrics))
+                wide.insert(0, "metric", [f"{LABELS[m]} {arrow(m)}" for m, _ in pairs])
+                out.append(Table("ood", f"{labels[s]} · {title}", _caption(info["positive"]),
+                                 wide.reset_index(drop=True), 2))
+    return out
+
+
+def stats_frame(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
+                alpha: float = 0.05) -> pd.DataFrame:
+    """oodens.stats.mode_stats per mode set x benchmark x convention x metric (Holm within each), as numbers."""
+    parts = []
+    for _, info, sub in families(frame):
+        sub = sub[sub["ood"].isin(ood_columns(sub, oods))]
+        for m in metrics:
+            st = stats.mode_stats(sub, m, level=1 - alpha, alpha=alpha)
+            parts.append(st.assign(**info))
+    cols = FAMILY + ["setting", "detector", "strategy", "ood", "metric", "n_modes", "mean", "std", "min", "max",
+                     "ci_low", "ci_high", "ensemble", "t", "p", "p_holm", "ensemble_better"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
+                 alpha: float = 0.05) -> list[Table]:
+    """Per metric: modes' mean, t-interval, std, min–max, ensemble, and the Holm-corrected test."""
+    numbers = stats_frame(frame, metrics, oods, alpha)
+    out = []
+    level = f"{100 * (1 - alpha):g}%"
+    for title, info, sub in families(frame):
+        labels = setting_labels(sub)
+        order = {s: i for i, s in enumerate(_setting_order(sub))}
+        for m in metrics:
+            st = numbers[(numbers[FAMILY] == pd.Series(info)).all(axis=1) & (numbers["metric"] == m)]
+            if st.empty:
+                continue
+            cols = {o: i for i, o in enumerate(ood_columns(sub, oods))}
+            st = st.assign(_s=st["setting"].map(order), _o=st["ood"].map(cols)).sort_values(["_s", "_o"])
+            rows = [[labels[r.setting], r.ood, fmt(r.mean, m), f"[{fmt(r.ci_low, m)}, {fmt(r.ci_high, m)}]",
+                     fmt(r.std, m), f"{fmt(r.min, m)}–{fmt(r.max, m)}", fmt(r.ensemble, m),
+                     f"{100 * (r.ensemble - r.mean):+.1f}", fmt_p(r.p), fmt_p(r.p_holm),
+                     "yes" if r.ensemble_better else "no"] for r in st.itertuples()]
+            head = ["detector", "OOD set", "modes", f"{level} CI", "std", "min–max", "ensemble", "Δ", "p",
+                    "p Holm", "better"]
+            side = "lower" if stats.lower_is_better(m) else "higher"
+            caption = (f"{CONVENTION[info['positive']]}. Values in %. modes: mean over modes with its {level} "
+                       f"t-interval, sample std and range; Δ = ensemble − modes' mean; p: one-sided one-sample "
+                       f"t-test of the modes' values against the ensemble's (H1: ensemble better, {side} is "
+                       f"better); p Holm: Holm-corrected over the {len(st)} tests of this table; better: p Holm < "
+                       f"{alpha:g}.")
+            out.append(Table("stats", f"Ensemble vs modes: {LABELS[m]} {arrow(m)} · {title}", caption,
+                             pd.DataFrame(rows, columns=head), 2))
+    return out
+
+
+def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[list[str]]:
+    """Rows (modes, mean ± std, ensemble) of per-member quantities that do not depend on the detector:
+    ``columns`` = (metric, ood) pairs; the first record of each member and OOD set is used."""
+    sub = sub[sub["role"].isin(["mode", "ensemble"])]
+    by_member = sub.drop_duplicates(["role", "member", "ood"])
+    return _member_rows(by_member.assign(setting="", n_members=by_member["n_members"].max()), columns)
+
+
+def quality_tables(frame: pd.DataFrame) -> list[Table]:
+    """ID quality and calibration per mode, mean ± std and ensemble: accuracy, NLL, Brier, ECE."""
+    out = []
+    for title, info, sub in families(frame, FAMILY[:2]):
+        rows = _quality_rows(sub.assign(ood="ID test"), [(m, "ID test") for m in QUALITY])
+        head = ["member"] + [LABELS[m] + ("" if m in NOT_PERCENT else " %") + f" {arrow(m)}" for m in QUALITY]
+        caption = (f"ID test set of {info['benchmark']}. Accuracy and ECE in % (ECE: {cal.ECE_BINS} equal-width "
+                   "bins), NLL in nats, Brier = mean sum of squares over classes. Ensemble: mean of the members' "
+                   "softmax (accuracy: argmax of the averaged logits).")
+        out.append(Table("id", f"ID quality and calibration · {title}", caption, pd.DataFrame(rows, columns=head), 1))
+    return out
+
+
+def shift_tables(frame: pd.DataFrame) -> list[Table]:
+    """Accuracy under covariate shift: the clean ID test, each corrupted set, and C-1..C-5 severity averages."""
+    out = []
+    for title, info, sub in families(frame, FAMILY[:2]):
+        shift = sub[sub["kind"].isin(["shift", "shift-average"])]
+        if shift.empty:
+            continue
+        sets = list(dict.fromkeys(shift.loc[shift["kind"] == "shift", "ood"]))
+        sev = sorted(dict.fromkeys(shift.loc[shift["kind"] == "shift-average", "ood"]))
+        clean = sub.assign(ood="clean", ood_accuracy=sub["id_accuracy"])
+        both = pd.concat([clean.drop_duplicates(["role", "member"]), shift], ignore_index=True)
+        rows = _quality_rows(both, [("ood_accuracy", o) for o in ["clean", *sets, *sev]])
+        wide = pd.DataFrame(rows, columns=["member", "clean", *[o.split("/", 1)[-1] for o in sets], *sev])
+        wide = wide.set_index("member").T.rename_axis(None, axis=1).rename_axis("set").reset_index()
+        caption = ("Accuracy in % on the ID test set (clean) and its corrupted copies (rows); C-s: mean over the "
+                   "corruptions at severity s. Ensemble: argmax of the averaged logits.")
+        out.append(Table("shift", f"Accuracy under covariate shift · {title}", caption, wide, 1))
+    return out
+
+
+def size_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None) -> list[Table]:
+    """Metric against ensemble size k: mean ± std over the k-of-N subsets (``--ensemble-size`` runs)."""
+    out = []
+    for title, info, sub in families(frame):
+        subsets = sub[sub["role"].isin(["subsets-mean", "subsets-std"])]
+        if subsets.empty:
+            continue
+        cols = ood_columns(sub, oods)
+        ks = sorted(int(k) for k in subsets["ensemble_size"].dropna().unique())
+        labels = setting_labels(sub)
+        for m in metrics:
+            rows = []
+            for s in _setting_order(subsets):
+                block = subsets[subsets["setting"] == s]
+                for o in cols:
+                    cells = []
+                    for k in ks:
+                        mean = block[(block["member"] == f"subsets-{k}-mean") & (block["ood"] == o)][m]
+                        std = block[(block["member"] == f"subsets-{k}-std") & (block["ood"] == o)][m]
+                        cells.append("—" if mean.empty else f"{fmt(mean.iloc[0], m)} ± {fmt(std.iloc[0], m)}")
+                    rows.append([labels[s], o, *cells])
+            caption = (f"{CONVENTION[info['positive']]}. Values in %: mean ± std over the k-of-N subsets of the "
+                       "modes (all of them, or a seeded sample; counts in the CSV as n_subsets).")
+            out.append(Table("size", f"Ensemble size: {LABELS[m]} {arrow(m)} · {title}", caption,
+                             pd.DataFrame(rows, columns=["detector", "OOD set", *[f"k={k}" for k in ks]]), 2))
+    return out
+
+
+def bootstrap_table(boot: pd.DataFrame, n: int, alpha: float, seed: int) -> Table:
+    rows = [[r.run, r.member, r.ood, LABELS[r.metric], fmt(r.value, r.metric),
+             f"[{fmt(r.ci_low, r.metric)}, {fmt(r.ci_high, r.metric)}]"] for r in boot.itertuples()]
+    caption = (f"Percentile bootstrap over samples ({n} resamples of the ID and OOD scores, seed {seed}); "
+               "values in %.")
+    return Table("bootstrap", f"Bootstrap {100 * (1 - alpha):g}% CI from saved scores", caption,
+                 pd.DataFrame(rows, columns=["detector", "member", "OOD set", "metric", "value", "CI"]), 2)
+
+
+# --------------------------------------------------------------------------- rendering
+
+def _blank_repeats(table: Table) -> tuple[list[list[str]], list[bool]]:
+    """Cell rows with repeated first labels blanked, and whether each row ends a block."""
+    cells = table.frame.astype(str).values.tolist()
+    firsts = [r[0] for r in cells]
+    ends = [i == len(cells) - 1 or firsts[i + 1] != firsts[i] for i in range(len(cells))]
+    if table.labels > 1:
+        cells = [[("" if i and firsts[i - 1] == r[0] else r[0]), *r[1:]] for i, r in enumerate(cells)]
+    return cells, ends
+
+
+def render_rich(table: Table):
+    from rich import box
+    from rich.table import Table as RichTable
+
+    out = RichTable(title=table.title, caption=table.caption, box=box.SIMPLE_HEAD, title_justify="left",
+                    caption_justify="left")
+    for i, col in enumerate(table.frame.columns):
+        out.add_column(str(col), justify="left" if i < table.labels else "right")
+    cells, ends = _blank_repeats(table)
+    for row, end in zip(cells, ends):
+        label = row[table.labels - 1]
+        style = "bold" if label.startswith("ensemble") else "italic" if label.startswith("mean") else None
+        out.add_row(*row, style=style, end_section=end and table.labels > 1)
+    return out
+
+
+def render_markdown(table: Table) -> str:
+    cells, _ = _blank_repeats(table)
+    body = pd.DataFrame(cells, columns=table.frame.columns).to_markdown(
+        index=False, colalign=["left"] * table.labels + ["right"] * (table.frame.shape[1] - table.labels))
+    return f"**{table.title}**\n\n{body}\n\n_{table.caption}_\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "↓": r"$\downarrow$",
+        "↑": r"$\uparrow$", "−": "$-$", "–": "--", "—": "---", "·": r"$\cdot$", "Δ": r"$\Delta$", "<": r"$<$",
+        ">": r"$>$"}
+
+
+def tex(text) -> str:
+    """Escape text for LaTeX (special characters, and the symbols the tables use)."""
+    return "".join(_TEX.get(c, c) for c in str(text))
+
+
+def render_latex(table: Table) -> str:
+    """A ``table`` float holding a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``)."""
+    cells, ends = _blank_repeats(table)
+    spec = "l" * table.labels + "r" * (table.frame.shape[1] - table.labels)
+    lines = [r"\begin{table}[htbp]", r"\centering", rf"\caption{{{tex(table.title)}. {tex(table.caption)}}}",
+             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
+             " & ".join(tex(c) for c in table.frame.columns) + r" \\", r"\midrule"]
+    for i, (row, end) in enumerate(zip(cells, ends)):
+        lines.append(" & ".join(tex(c) for c in row) + r" \\")
+        if end and table.labels > 1 and i < len(cells) - 1:
+            lines.append(r"\midrule")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(records: pd.DataFrame, stats_numbers: pd.DataFrame, boot: Optional[pd.DataFrame] = None) -> str:
+    """``{"records": tidy records, "stats": ensemble-vs-modes numbers, "bootstrap": ...}`` (fractions; null for NaN)."""
+    def rows(df):
+        return json.loads(df.to_json(orient="records")) if df is not None else []
+
+    return json.dumps({"records": rows(records), "stats": rows(stats_numbers), "bootstrap": rows(boot)}, indent=1)
+
+
+# --------------------------------------------------------------------------- saved scores and exported views
+
+def _id_file(folder: Path, benchmarks: list[str]) -> Optional[Path]:
+    for b in benchmarks:
+        if (folder / f"{safe_name(b)}.npy").is_file():
+            return folder / f"{safe_name(b)}.npy"
+    return None
+
+
+def load_scores(scores_dir: Path, frame: pd.DataFrame, member: str = "ensemble", detectors: Optional[list[str]] = None,
+                oods: Optional[list[str]] = None) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Saved per-sample scores (``eval --save-scores``): ``{"<detector>-<strategy>": (ID scores, {set: scores})}``
+    for one member. OOD sets: the named ones, else every saved set that is not a covariate-shift set."""
+    scores_dir = Path(scores_dir)
+    if not scores_dir.is_dir():
+        raise OodensError(f"--scores {scores_dir}: no such folder (expected the DIR of `oodens eval --save-scores "
+                          "DIR`)")
+    benchmarks = list(dict.fromkeys(frame["benchmark"]))
+    shift = {safe_name(o) for o in frame.loc[frame["kind"] == "shift", "ood"]}
+    wanted = [safe_name(o) for o in oods] if oods else None
+    out = {}
+    for run in sorted(p for p in scores_dir.iterdir() if p.is_dir()):
+        if detectors and run.name.split("-", 1)[0] not in detectors:
+            continue
+        folder = run / member
+        id_file = _id_file(folder, benchmarks)
+        if id_file is None:
+            continue
+        names = [p.stem for p in sorted(folder.glob("*.npy")) if p != id_file]
+        names = [n for n in names if (n in wanted if wanted else n not in shift)]
+        if names:
+            out[run.name] = (np.load(id_file, allow_pickle=False),
+                             {n: np.load(folder / f"{n}.npy", allow_pickle=False) for n in names})
+    if not out:
+        raise OodensError(f"--scores {scores_dir}: no scores of member {member!r} for {', '.join(benchmarks)}; "
+                          f"expected {scores_dir}/<detector>-<strategy>/{member}/<dataset>.npy from `oodens eval "
+                          "--save-scores`")
+    return out
+
+
+def bootstrap_frame(scores: dict, frame: pd.DataFrame, metrics, n: int, member: str, alpha: float = 0.05,
+                    seed: int = 0) -> pd.DataFrame:
+    """Bootstrap CIs of each metric, per saved run and OOD set, for one member (convention from the records)."""
+    rows = []
+    for run, (id_s, by_set) in scores.items():
+        det, _, strat = run.partition("-")
+        pos = frame.loc[(frame["detector"] == det) & (frame["strategy"] == strat), "positive"]
+        positive = pos.iloc[0] if len(pos) else "id"
+        for name, ood_s in by_set.items():
+            for m in metrics:
+                value, low, high = stats.bootstrap_ci(id_s, ood_s, m, n=n, level=1 - alpha, seed=seed,
+                                                      positive=positive)
+                rows.append({"run": run, "member": member, "ood": name, "metric": m, "positive": positive,
+                             "value": value, "ci_low": low, "ci_high": high, "n_boot": n, "seed": seed})
+    return pd.DataFrame(rows)
+
+
+def view_probs(views_dir: Path, benchmarks: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Softmax probabilities of each exported mode on the ID test split, plus ``"ensemble"`` (the mean of
+    the members' softmax), and the labels: from ``DIR/<mode>/<dataset>/test/{logits,labels}.npy``."""
+    views_dir = Path(views_dir)
+    found: dict[str, np.ndarray] = {}
+    labels = None
+    for mode in sorted(p for p in views_dir.iterdir() if p.is_dir()) if views_dir.is_dir() else []:
+        for b in benchmarks:
+            split = mode / safe_name(b) / "test"
+            if (split / "logits.npy").is_file() and (split / "labels.npy").is_file():
+                y = np.load(split / "labels.npy", allow_pickle=False)
+                if labels is not None and not np.array_equal(y, labels):
+                    raise OodensError(f"--views {views_dir}: {split}/labels.npy differs from the other modes' labels "
+                                      "(expected one export of one mode set)")
+                labels = y
+                found[mode.name] = cal.probs(np.load(split / "logits.npy", allow_pickle=False))
+                break
+    if not found:
+        raise OodensError(f"--views {views_dir}: no exported ID test logits; expected {views_dir}/<mode>/"
+                          f"{safe_name(benchmarks[0])}/test/logits.npy and labels.npy from `oodens extract --export`")
+    found["ensemble"] = np.mean(list(found.values()), axis=0)
+    return found, labels
+
+
+# --------------------------------------------------------------------------- plots
+
+def _slug(info: dict, seen: set) -> str:
+    slug = safe_name(f"{info['benchmark']}-{Path(info['modes']).name}" + ("-oodpos" if info.get("positive") == "ood"
+                                                                         else ""))
+    base, i = slug, 2
+    while slug in seen:
+        slug, i = f"{base}-{i}", i + 1
+    seen.add(slug)
+    return slug
+
+
+def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str]] = None,
+                scores: Optional[dict] = None, member: str = "ensemble",
+                views: Optional[tuple[dict, np.ndarray]] = None) -> list[Path]:
+    """Strip plots and ensemble-size curves from the records; score histograms from saved scores; the
+    reliability diagram from exported views. Returns the written files."""
+    from oodens import plots
+
+    out = Path(out)
+    written, seen = [], set()
+    for title, info, sub in families(frame):
+        slug = _slug(info, seen)
+        cols = ood_columns(sub, oods)
+        labels = setting_labels(sub)
+        settings = _setting_order(sub)
+        unit = "%"
+        for m in metrics:
+            data = {}
+            for o in cols:
+                data[o] = {}
+                for s in settings:
+                    block = sub[(sub["setting"] == s) & (sub["ood"] == o)]
+                    values = 100 * block.loc[block["role"] == "mode", m].dropna().to_numpy()
+                    ens = block.loc[block["role"] == "ensemble", m]
+                    data[o][labels[s]] = (values, 100 * float(ens.iloc[0]) if len(ens) else None)
+            if cols:
+                written += plots.strip_plot(data, f"{LABELS[m]} {arrow(m)} ({unit})", f"{LABELS[m]} · {title}",
+                                            out / f"{slug}-strip-{m}")
+            subsets = sub[sub["role"].isin(["subsets-mean", "subsets-std"])]
+            if not subsets.empty and cols:
+                curves = {}
+                for o in cols:
+                    curves[o] = {}
+                    for s in _setting_order(subsets):
+                        block = subsets[(subsets["setting"] == s) & (subsets["ood"] == o)].sort_values("ensemble_size")
+                        mean, std = block[block["role"] == "subsets-mean"], block[block["role"] == "subsets-std"]
+                        curves[o][labels[s]] = (mean["ensemble_size"].astype(int).tolist(), 100 * mean[m].to_numpy(),
+                                                100 * std[m].to_numpy())
+                written += plots.ensemble_size_plot(curves, f"{LABELS[m]} {arrow(m)} ({unit})",
+                                                    f"{LABELS[m]} vs ensemble size · {title}",
+                                                    out / f"{slug}-size-{m}")
+    for run, (id_s, by_set) in (scores or {}).items():
+        written += plots.score_histograms(id_s, by_set, f"{run} · {member}: ID test vs OOD scores",
+                                          out / f"scores-{run}-{safe_name(member)}")
+    if views is not None:
+        probs, labels = views
+        curves = {name: cal.reliability(p, labels) for name, p in probs.items()}
+        eces = {name: cal.ece(p, labels) for name, p in probs.items()}
+        bench = frame["benchmark"].iloc[0]
+        written += plots.reliability_diagram(curves, eces, f"Reliability on the {bench} ID test set",
+                                             out / f"reliability-{safe_name(bench)}")
+    return written
+
+
+# --------------------------------------------------------------------------- the command
+
+def report_cmd(
+    results: Optional[Path] = typer.Option(None, "--results", envvar="OODENS_RESULTS", help="Results store folder. "
+                                           "Default: $XDG_DATA_HOME/oodens/results.", show_default=False),
+    detector: Optional[str] = typer.Option(None, "--detector", help="Only these detectors (comma list).",
+                                           show_default=False),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Only these ensemble strategies (comma list).",
+                                           show_default=False),
+    modes: Optional[str] = typer.Option(None, "--modes", help="Only mode sets whose path contains this text.",
+                                        show_default=False),
+    ood: Optional[str] = typer.Option(None, "--ood", help="These OOD sets as columns, in this order (comma list; "
+                                      "also average, near, far, C-1.., covariate-shift sets). Default: the semantic "
+                                      "sets and their averages.", show_default=False),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metrics (comma list of fpr95, auroc, aupr_in, "
+                                         "aupr_out, detection_error). Tables default to fpr95,auroc; CSV/JSON to "
+                                         "every metric.", show_default=False),
+    group_by: str = typer.Option("metric", "--group-by", help="OOD tables: one per metric (rows detector x member, "
+                                 "columns OOD sets) or one per detector (rows metric x OOD set, columns members)."),
+    tables: Optional[str] = typer.Option(None, "--tables", help=f"Which tables (comma list of {', '.join(TABLES)}). "
+                                         "Default: all that the results hold.", show_default=False),
+    csv: Optional[str] = typer.Option(None, "--csv", help="Write the records in long form (one row per record and "
+                                      "metric) as CSV to PATH, or '-' for stdout.", show_default=False),
+    as_json: bool = typer.Option(False, "--json", help="Print the records (long form), the ensemble-vs-modes "
+                                 "statistics and any bootstrap CIs as JSON."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown."),
+    latex: bool = typer.Option(False, "--latex", help="Print the tables as LaTeX (booktabs tabular)."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Holm-corrected tests; "
+                                "intervals are (1 - alpha)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write figures (PNG and PDF) to DIR: strip plots, "
+                                        "ensemble-size curves, and with --scores/--views score histograms and the "
+                                        "reliability diagram.", show_default=False),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Saved scores (the DIR of eval --save-scores) for "
+                                          "score histograms (--plot) and --bootstrap.", show_default=False),
+    member: str = typer.Option("ensemble", "--member", help="Member whose saved scores are plotted/bootstrapped "
+                               "(a mode name or ensemble)."),
+    bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for CIs of the member's "
+                                  "metrics from --scores (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    views: Optional[Path] = typer.Option(None, "--views", help="Exported views (the DIR of extract --export) for "
+                                         "the reliability diagram (--plot).", show_default=False),
+):
+    """Tables, statistics and plots from the results store: per-mode rows, mean ± std, ensemble; ensemble vs
+    modes tests; ID quality and calibration; accuracy under covariate shift; ensemble-size curves."""
+    from oodens.cli import stderr, stdout
+
+    chosen = parse_metrics(metric)
+    table_metrics = chosen or list(DEFAULT_METRICS)
+    if group_by not in GROUP_BY:
+        raise OodensError(f"--group-by {group_by!r}: expected one of {', '.join(GROUP_BY)}")
+    kinds = _names(tables) or list(TABLES)
+    bad = [t for t in kinds if t not in TABLES]
+    if bad:
+        raise OodensError(f"--tables {bad[0]!r}: expected a comma list of {', '.join(TABLES)}")
+    if not 0 < alpha < 1:
+        raise OodensError(f"--alpha {alpha}: expected a level in (0, 1)")
+    if bootstrap and scores is None:
+        raise OodensError("--bootstrap needs --scores DIR (the folder written by `oodens eval --save-scores DIR`)")
+    if views is not None and plot is None:
+        raise OodensError("--views is read for the reliability diagram: add --plot DIR")
+    if scores is not None and plot is None and not bootstrap:
+        raise OodensError("--scores is read for score histograms (--plot DIR) and --bootstrap N: add one of them")
+
+    results_dir = results or default_results_dir()
+    frame = filter_frame(load_frame(results_dir), detector, strategy, modes, ood, where=str(results_dir))
+    wanted_oods = _names(ood) or None
+    boot = None
+    saved = None
+    if scores is not None:
+        saved = load_scores(scores, frame, member, _names(detector) if detector and detector != "all" else None,
+                            wanted_oods)
+        if bootstrap:
+            boot = bootstrap_frame(saved, frame, table_metrics, bootstrap, member, alpha, seed)
+
+    built: list[Table] = []
+    if "ood" in kinds:
+        built += ood_tables(frame, table_metrics, wanted_oods, group_by)
+    if "stats" in kinds:
+        built += stats_tables(frame, table_metrics, wanted_oods, alpha)
+    if "id" in kinds:
+        built += quality_tables(frame)
+    if "shift" in kinds:
+        built += shift_tables(frame)
+    if "size" in kinds:
+        built += size_tables(frame, table_metrics, wanted_oods)
+    if boot is not None:
+        built.append(bootstrap_table(boot, bootstrap, alpha, seed))
+
+    machine = markdown or latex or as_json or csv == "-"
+    if markdown:
+        print("\n".join(render_markdown(t) for t in built))
+    if latex:
+        print("\n".join(render_latex(t) for t in built))
+    if as_json:
+        print(to_json(tidy(frame, chosen or VALUES), stats_frame(frame, table_metrics, wanted_oods, alpha), boot))
+    if csv is not None:
+        long = tidy(frame, chosen or VALUES)
+        if csv == "-":
+            sys.stdout.write(long.to_csv(index=False))
+        else:
+            Path(csv).parent.mkdir(parents=True, exist_ok=True)
+            long.to_csv(csv, index=False)
+            stderr.print(f"wrote {len(long)} rows to {csv}")
+    if not machine:
+        for t in built:
+            stdout.print(render_rich(t))
+        if not built:
+            stderr.print(f"no {', '.join(kinds)} table for these records (single modes have no statistics; shift "
+                         "and size tables need eval --corruptions / --ensemble-size)")
+    if plot is not None:
+        probs = view_probs(views, list(dict.fromkeys(frame["benchmark"]))) if views is not None else None
+        files = write_plots(plot, frame, table_metrics, wanted_oods, saved if plot else None, member, probs)
+        stderr.print(f"wrote {len(files)} plot files to {plot}")
