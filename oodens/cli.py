@@ -276,7 +276,7 @@ def eval_cmd(
     need_train = any(get_detector(n).needs_fit for n in names)
     sources = [*([plan.train] if need_train else []), bench.id_test, *oods.values()]
     ex = run_extract(modes, sources, plan.cache, batch_size=batch_size, device=device, specs=specs, workers=workers,
-                     base_only=[plan.train])
+                     base_only=[plan.train] if need_train else [])
     stderr.print(f"views: {ex.computed} extracted, {ex.cached} from cache ({plan.cache.root})")
 
     members = [m.name for m in modes]

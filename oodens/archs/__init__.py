@@ -52,4 +52,4 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     return ARCHS[canonical_arch(name)](num_classes)
 
 
-from oodens.archs import cnn  # noqa: E402,F401  (registers)
+from oodens.archs import cnn, densenet, resnet, t2t_vit, wrn  # noqa: E402,F401  (registers)
