@@ -68,6 +68,10 @@ CorruptOpt = typer.Option(None, "--corruptions", help="Covariate-shift sets: cor
 FitOpt = typer.Option(1.0, "--fit-fraction", help="Seeded fraction of the ID training split used to fit "
                       "knn/mahalanobis/dice/react/vim.", rich_help_panel=DATA)
 WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes for extraction.")
+PrecisionOpt = typer.Option("fp32", "--precision", help="Forward-pass precision: fp32, bf16 or fp16 (autocast); "
+                            "part of the view cache key.")
+ChannelsLastOpt = typer.Option(False, "--channels-last", help="Run the network in channels_last memory format.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the network for extraction.")
 
 
 def _version(value: bool):
@@ -191,6 +195,9 @@ def extract(
     batch_size: int = BatchOpt,
     workers: int = WorkersOpt,
     device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    channels_last: bool = ChannelsLastOpt,
+    compile: bool = CompileOpt,
 ):
     """Fill the view cache: one forward pass per mode and dataset split (ID train, ID test, each OOD set)."""
     from oodens.extract import export_views
@@ -199,7 +206,8 @@ def extract(
     plan = _plan(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
                  corruptions, fit_fraction, cache_dir)
     sources = [plan.train, plan.bench.id_test, *plan.oods.values()]
-    ex = run_extract(plan.modes, sources, plan.cache, batch_size=batch_size, device=device, workers=workers)
+    ex = run_extract(plan.modes, sources, plan.cache, batch_size=batch_size, device=device, workers=workers,
+                     precision=precision, channels_last=channels_last, compile=compile)
     stderr.print(f"{len(plan.modes)} modes x {len(sources)} splits: {ex.computed} views extracted, {ex.cached} "
                  f"from cache ({plan.cache.root})")
     if export:
@@ -242,6 +250,9 @@ def eval_cmd(
     batch_size: int = BatchOpt,
     workers: int = WorkersOpt,
     device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    channels_last: bool = ChannelsLastOpt,
+    compile: bool = CompileOpt,
     **detector_params,
 ):
     """Score detectors per mode and as a mode ensemble on every OOD set: per-mode rows, mean ± std, ensemble.
@@ -276,7 +287,8 @@ def eval_cmd(
     need_train = any(get_detector(n).needs_fit for n in names)
     sources = [*([plan.train] if need_train else []), bench.id_test, *oods.values()]
     ex = run_extract(modes, sources, plan.cache, batch_size=batch_size, device=device, specs=specs, workers=workers,
-                     base_only=[plan.train] if need_train else [])
+                     base_only=[plan.train] if need_train else [], precision=precision,
+                     channels_last=channels_last, compile=compile)
     stderr.print(f"views: {ex.computed} extracted, {ex.cached} from cache ({plan.cache.root})")
 
     members = [m.name for m in modes]
@@ -290,6 +302,7 @@ def eval_cmd(
         "checkpoints": {m.name: m.sha256 for m in modes},
         "preset": modes[0].preset,
         "fit_fraction": fit_fraction,
+        "precision": precision,
     }
     all_records = []
     results_dir = results or default_results_dir()

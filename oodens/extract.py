@@ -8,6 +8,7 @@ are never touched. The mode's final layer (``head``: weight, bias) is cached too
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from oodens import __version__
 from oodens.data import DataSource, get_preset
+from oodens.errors import OodensError
 from oodens.modes import Mode
 from oodens.paths import safe_name
 from oodens.progress import progress_bar
@@ -26,11 +28,27 @@ Split = tuple[str, str]  # (dataset name, split)
 HEAD_SOURCE = {"name": "head", "split": "model"}
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OodensError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OodensError(f"--device {name}: CUDA is not available on this machine (expected auto or cpu)")
+    return dev
+
+
+def _autocast(device: torch.device, precision: str):
+    """Autocast to bf16/fp16 for the forward passes; a no-op for fp32."""
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 @dataclass
@@ -46,7 +64,7 @@ class Extraction:
 
 
 def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, batch_size: int, device, on_batch,
-                  workers: int = 0):
+                  workers: int = 0, precision: str = "fp32", channels_last: bool = False):
     fn = VIEW_KINDS[spec.kind]
     params = dict(spec.params)
     n = len(source)
@@ -54,7 +72,11 @@ def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, bat
     labels = writer.allocate("labels", (n,), np.int64) if spec == BASE else None
     start = 0
     for x, y in source.loader(preset, batch_size, workers):
-        arrays = fn(model, x.to(device, non_blocking=True), preset, **params)
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            arrays = fn(model, x, preset, **params)
         stop = start + len(y)
         for name, t in arrays.items():
             if name not in out:
@@ -66,8 +88,9 @@ def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, bat
         on_batch()
 
 
-def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec) -> dict:
+def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec, precision: str = "fp32") -> dict:
     return {
+        "precision": precision,
         "mode": mode.name,
         "checkpoint": str(mode.checkpoint),
         "checkpoint_sha256": mode.sha256,
@@ -88,12 +111,19 @@ def extract(
     specs: list[ViewSpec] | None = None,
     workers: int = 0,
     base_only: list[DataSource] = (),
+    precision: str = "fp32",
+    channels_last: bool = False,
+    compile: bool = False,
 ) -> Extraction:
     """Make sure every (mode, source, view spec) and every mode's head is cached; return them (memory-mapped).
 
     ``specs`` defaults to the base view only; the base view is always included. Sources in
     ``base_only`` (the ID-train split, which detectors only fit on) get the base view only.
+    ``precision`` (fp32, bf16, fp16) autocasts the forward passes, and is part of the cache key;
+    ``channels_last`` and ``compile`` (torch.compile) only change speed.
     """
+    if precision not in PRECISIONS:
+        raise OodensError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     specs = list(dict.fromkeys([BASE, *(specs or [])]))
     dev = resolve_device(device)
     result = Extraction()
@@ -106,7 +136,7 @@ def extract(
         paths[mode.name] = {}
         for src in sources:
             for spec in [BASE] if any(src is b for b in base_only) else specs:
-                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec)
+                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec, precision)
                 paths[mode.name][((src.name, src.split), spec)] = path
                 if ViewCache.is_complete(path):
                     result.cached += 1
@@ -124,6 +154,10 @@ def extract(
                 continue
             preset = get_preset(mode.preset)
             model = mode.load().to(dev)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            if compile:
+                model = _compiled(model)
             if mode.name in need_head:
                 _write_head(model, head_paths[mode.name], _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
             for src, spec, path in jobs:
@@ -132,9 +166,10 @@ def extract(
                     result.cached += 1
                     continue
                 bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
-                writer = cache.writer(path, _meta(mode, src.identity(), preset, spec))
+                writer = cache.writer(path, _meta(mode, src.identity(), preset, spec, precision))
                 try:
-                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task), workers)
+                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task), workers,
+                                  precision, channels_last)
                     writer.commit()
                 except BaseException:
                     writer.abort()
@@ -154,6 +189,26 @@ def extract(
                 weight=head["weight"], bias=head["bias"], extra=extra,
             )
     return result
+
+
+class _compiled(torch.nn.Module):
+    """torch.compile of the extraction entry points, keeping the architecture's interface."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.forward_features = torch.compile(model.forward_features)
+        self.forward = torch.compile(model.forward)
+
+    @property
+    def classifier(self):
+        return self.model.classifier
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
 
 
 def _write_head(model, path: Path, meta: dict, cache: ViewCache) -> None:

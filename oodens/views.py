@@ -80,7 +80,7 @@ class Views:
         return 0
 
 
-def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE) -> str:
+def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE, precision: str = "fp32") -> str:
     ident = {
         "format": FORMAT_VERSION,
         "checkpoint": checkpoint_sha,
@@ -88,6 +88,8 @@ def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = 
         "preset": preset,
         "view": spec.identity() if spec != BASE else "base",
     }
+    if precision != "fp32":  # reduced-precision views are other views (fp32 keys stay as they were)
+        ident["precision"] = precision
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -116,8 +118,9 @@ class ViewCache:
         self.root = Path(root)
         self.base = self.root / "views" / f"v{FORMAT_VERSION}"
 
-    def path(self, checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE) -> Path:
-        key = view_key(checkpoint_sha, dataset, preset, spec)
+    def path(self, checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE,
+             precision: str = "fp32") -> Path:
+        key = view_key(checkpoint_sha, dataset, preset, spec, precision)
         kind = "" if spec == BASE else f"{spec.kind}-"
         folder = f"{safe_name(dataset['name'])}-{dataset['split']}-{kind}{key[:16]}"
         return self.base / checkpoint_sha[:16] / folder

@@ -174,3 +174,21 @@ def test_two_evals_at_once_on_one_cache_equal_one(two_modes, tmp_path):
     assert not list((tmp_path / "shared-cache").rglob(".tmp-*"))
     complete = [p for p in (tmp_path / "shared-cache").rglob("*") if p.is_dir() and ViewCache.is_complete(p)]
     assert len(complete) == 10 + 2  # 2 modes x 5 splits, and each mode's head
+
+
+def test_bf16_views_are_other_views_close_to_fp32(two_modes, tmp_path):
+    modes = discover_modes(two_modes)
+    b = get_benchmark("digits")
+    cache = ViewCache(tmp_path / "c")
+    fp32 = extract(modes, [b.id_test], cache)
+    bf16 = extract(modes, [b.id_test], cache, precision="bf16", channels_last=True)
+    assert bf16.computed == 2 and fp32.computed == 2  # another key: nothing reused, nothing overwritten
+    again = extract(modes, [b.id_test], cache)
+    assert again.computed == 0
+    z32 = np.asarray(fp32.get("seed-1000", b.id_test).logits)
+    z16 = np.asarray(bf16.get("seed-1000", b.id_test).logits)
+    assert not np.array_equal(z32, z16)
+    np.testing.assert_allclose(z16, z32, atol=0.1 * np.abs(z32).max())
+    assert (z16.argmax(1) == z32.argmax(1)).mean() > 0.95
+    with pytest.raises(Exception, match="precision"):
+        extract(modes, [b.id_test], cache, precision="int8")

@@ -40,11 +40,13 @@ class KNN(FeatureDetector):
     L2-normalised ID-training feature (exact search with faiss).
 
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
+    The exact flat index moves to the GPU when faiss has GPU support and sees a GPU.
     """
 
     name = "knn"
     k: int = param(50, "k-th nearest neighbour")
     _index: object = field(default=None, init=False, repr=False, compare=False)
+    _gpu: object = field(default=None, init=False, repr=False, compare=False)
 
     def member_features(self, features):
         return l2_normalize(features)
@@ -56,6 +58,9 @@ class KNN(FeatureDetector):
         if not 1 <= self.k <= len(feats):
             raise OodensError(f"--knn-k {self.k} is out of range: expected 1..{len(feats)} (the ID training set size)")
         self._index = faiss.IndexFlatL2(feats.shape[1])
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # the GPU wheel on a machine with a GPU
+            self._gpu = faiss.StandardGpuResources()
+            self._index = faiss.index_cpu_to_gpu(self._gpu, 0, self._index)
         for s in range(0, len(feats), CHUNK):  # normalise and add block by block: no full float32 copy
             self._index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
         return self
