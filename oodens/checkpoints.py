@@ -86,11 +86,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, model: nn.Module, sidecar: dict) -> None:
-    """Write ``{"state_dict": ...}`` and the JSON sidecar beside it, both atomically."""
+def save_checkpoint(path: Path, model: nn.Module, sidecar: dict, prefix: str = "") -> None:
+    """Write ``{"state_dict": ...}`` and the JSON sidecar beside it, both atomically.
+
+    ``prefix="module."`` writes the keys as ``nn.DataParallel`` does (the ImageNet reference layout)."""
     import io
 
     buf = io.BytesIO()
-    torch.save({"state_dict": model.state_dict()}, buf)
+    state = model.state_dict()
+    if prefix:
+        state = {prefix + k: v for k, v in state.items()}
+    torch.save({"state_dict": state}, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
     atomic_write_bytes(Path(path).parent / SIDECAR, (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())

@@ -9,7 +9,9 @@ semantic OOD sets, taken per row before mean/std; only when there are several) o
 ``"C-<s>"`` (mean over the covariate-shift sets of severity s). Every row also carries the
 ID-test quality ``id_accuracy`` (argmax of the averaged logits for the ensemble) and
 ``id_nll``, ``id_brier``, ``id_ece`` (15 bins; the ensemble's predictive distribution is the
-mean of the members' softmax). Records of
+mean of the members' softmax). Leave-out members (ELOC; ``Views.classes`` set) are judged on the test
+samples of their kept classes, and their ensemble's distribution spreads each member's softmax over all
+classes (0 where it left classes out) before averaging; its accuracy is that mean's argmax. Records of
 covariate-shift sets (``kind: "shift"``) also carry ``ood_accuracy``, the accuracy on
 the corrupted images. Metric values are fractions.
 """
@@ -88,6 +90,58 @@ def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str
     return out
 
 
+# ID quality of members and ensembles. A leave-out member (``Views.classes`` set: the dataset class of
+# each of its outputs) is judged on the test samples of its kept classes, its outputs mapped back to
+# the dataset's classes. Leave-out members cannot average logits (their columns are different
+# classes), so their ensemble predicts with the mean of the members' softmax spread over all classes
+# (0 for the classes a member left out; every class is kept by K - 1 of the K members).
+
+
+def _kept(v: Views, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the samples whose class the member predicts, their index among its outputs)."""
+    labels = np.asarray(labels)
+    if v.classes is None:
+        return np.ones(len(labels), dtype=bool), labels
+    classes = np.asarray(v.classes)
+    table = np.full(max(int(classes.max()), int(labels.max(initial=0))) + 1, -1)
+    table[classes] = np.arange(len(classes))
+    target = table[np.clip(labels, 0, None)]
+    keep = (labels >= 0) & (target >= 0)
+    return keep, target
+
+
+def member_accuracy(v: Views, labels: np.ndarray) -> float:
+    keep, target = _kept(v, labels)
+    return accuracy(np.asarray(v.logits)[keep], target[keep])
+
+
+def member_quality(v: Views, labels: np.ndarray) -> dict[str, float]:
+    """accuracy, nll, brier, ece of one member (on its kept classes for a leave-out member)."""
+    keep, target = _kept(v, labels)
+    return cal.quality(cal.probs(np.asarray(v.logits)[keep]), target[keep])
+
+
+def ensemble_probs(views: list[Views], labels: np.ndarray) -> np.ndarray:
+    """Mean of the members' softmax over the dataset's classes (n, C)."""
+    if all(v.classes is None for v in views):
+        return np.mean([cal.probs(v.logits) for v in views], axis=0)
+    c = 1 + max(int(np.max(labels, initial=0)), *(int(np.max(v.classes)) for v in views if v.classes is not None))
+    total = 0.0
+    for v in views:
+        p = cal.probs(v.logits)
+        full = np.zeros((len(p), c))
+        full[:, np.asarray(v.classes) if v.classes is not None else np.arange(p.shape[1])] = p
+        total = total + full
+    return total / len(views)
+
+
+def ensemble_accuracy(views: list[Views], labels: np.ndarray) -> float:
+    """argmax of the averaged logits; for leave-out members, of the averaged probabilities."""
+    if all(v.classes is None for v in views):
+        return accuracy(np.mean([np.asarray(v.logits, dtype=np.float64) for v in views], axis=0), labels)
+    return accuracy(ensemble_probs(views, labels), labels)
+
+
 def evaluate_detector(
     name: str,
     params: dict,
@@ -108,7 +162,7 @@ def evaluate_detector(
     of the members (all of them, or a seeded sample of ``max_subsets``).
     """
     cls = get_detector(name)
-    strategy = resolve_strategy(cls, strategy)
+    strategy = resolve_strategy(cls, strategy, leave_out=any(v.classes is not None for v in id_test))
     kinds = {o: (kinds or {}).get(o, "semantic") for o in oods}
 
     def make():
@@ -129,15 +183,14 @@ def evaluate_detector(
 
     def accuracies(views: list[Views], idx: list[int]) -> tuple[dict[int, float], float]:
         labels = np.asarray(views[0].labels)
-        each = {i: accuracy(np.asarray(views[i].logits), labels) for i in idx}
-        return each, accuracy(np.mean([np.asarray(views[i].logits, dtype=np.float64) for i in idx], axis=0), labels)
+        each = {i: member_accuracy(views[i], labels) for i in idx}
+        return each, ensemble_accuracy([views[i] for i in idx], labels)
 
     everyone = list(range(len(members)))
     labels = np.asarray(id_test[0].labels)
-    member_probs = [cal.probs(v.logits) for v in id_test]
-    idq = {m: {f"id_{k}": v for k, v in cal.quality(member_probs[i], labels).items() if k != "accuracy"}
+    idq = {m: {f"id_{k}": v for k, v in member_quality(id_test[i], labels).items() if k != "accuracy"}
            for i, m in enumerate(members)}
-    idq["ensemble"] = {f"id_{k}": v for k, v in cal.quality(np.mean(member_probs, axis=0), labels).items()
+    idq["ensemble"] = {f"id_{k}": v for k, v in cal.quality(ensemble_probs(id_test, labels), labels).items()
                        if k != "accuracy"}
     each, ens_acc = accuracies(id_test, everyone)
     acc = {**{members[i]: a for i, a in each.items()}, "ensemble": ens_acc}

@@ -9,7 +9,9 @@ are never touched. The mode's final layer (``head``: weight, bias) is cached too
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from oodens.modes import Mode
 from oodens.paths import safe_name
 from oodens.progress import progress_bar
 from oodens.viewkinds import VIEW_KINDS
-from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec
+from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec, ViewWriter
 
 Split = tuple[str, str]  # (dataset name, split)
 HEAD_SOURCE = {"name": "head", "split": "model"}
@@ -125,7 +127,11 @@ def extract(
     if precision not in PRECISIONS:
         raise OodensError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     specs = list(dict.fromkeys([BASE, *(specs or [])]))
-    dev = resolve_device(device)
+    from oodens.distributed import DistContext, barrier
+
+    ctx = DistContext.from_env() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else DistContext()
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     result = Extraction()
     paths: dict[str, dict[tuple[Split, ViewSpec], Path]] = {}
     head_paths: dict[str, Path] = {}
@@ -146,7 +152,8 @@ def extract(
         if not ViewCache.is_complete(head_paths[mode.name]):
             need_head.add(mode.name)
     total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _, _ in jobs)
-    with progress_bar() as bar:
+    barrier(ctx)  # every rank has decided what is missing before anything is written
+    with progress_bar(disable=not ctx.is_main) as bar:
         task = bar.add_task("extracting", total=total_batches, info="")
         for mode in modes:
             jobs = todo.get(mode.name, [])
@@ -158,24 +165,30 @@ def extract(
                 model = model.to(memory_format=torch.channels_last)
             if compile:
                 model = _compiled(model)
-            if mode.name in need_head:
+            if mode.name in need_head and ctx.is_main:
                 _write_head(model, head_paths[mode.name], _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
             for src, spec, path in jobs:
                 cache.clean_stale(path.parent)
-                if ViewCache.is_complete(path):  # another process finished it meanwhile
+                if not ctx.enabled and ViewCache.is_complete(path):  # another process finished it meanwhile
                     result.cached += 1
                     continue
                 bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
-                writer = cache.writer(path, _meta(mode, src.identity(), preset, spec, precision))
-                try:
-                    _compute_into(model, src, spec, writer, preset, batch_size, dev, lambda: bar.advance(task), workers,
-                                  precision, channels_last)
-                    writer.commit()
-                except BaseException:
-                    writer.abort()
-                    raise
+                meta = _meta(mode, src.identity(), preset, spec, precision)
+                compute = partial(_compute_into, model, spec=spec, preset=preset, batch_size=batch_size,
+                                  device=dev, workers=workers, precision=precision, channels_last=channels_last)
+                if ctx.enabled:
+                    _sharded(compute, src, path, meta, cache, batch_size, ctx, lambda: bar.advance(task))
+                else:
+                    writer = cache.writer(path, meta)
+                    try:
+                        compute(source=src, writer=writer, on_batch=lambda: bar.advance(task))
+                        writer.commit()
+                    except BaseException:
+                        writer.abort()
+                        raise
                 result.computed += 1
             del model
+    barrier(ctx)
     for mode in modes:
         head = ViewCache.read(head_paths[mode.name])
         result.views[mode.name] = {}
@@ -187,8 +200,50 @@ def extract(
             result.views[mode.name][split] = Views(
                 logits=base["logits"], features=base["features"], labels=base["labels"],
                 weight=head["weight"], bias=head["bias"], extra=extra,
+                classes=np.asarray(mode.kept_classes) if mode.kept_classes else None,
             )
     return result
+
+
+def _sharded(compute, src: DataSource, path: Path, meta: dict, cache: ViewCache, batch_size: int, ctx, on_batch):
+    """Under torchrun: each rank computes a contiguous run of whole batches (so every batch is the
+    one a single process would run) into a shard folder; rank 0 joins the shards into the view."""
+    from oodens.data.sources import IndexSource
+    from oodens.distributed import barrier
+
+    n = len(src)
+    n_batches = -(-n // batch_size)
+    lo, hi = (n_batches * ctx.rank // ctx.world_size, n_batches * (ctx.rank + 1) // ctx.world_size)
+    shards = path.parent / f".shards-{path.name}"
+    mine = shards / f"rank-{ctx.rank:05d}"
+    if not ViewCache.is_complete(mine):
+        writer = ViewWriter(mine, {"rank": ctx.rank})
+        try:
+            compute(source=IndexSource(src, np.arange(lo * batch_size, min(hi * batch_size, n))), writer=writer,
+                    on_batch=on_batch)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    barrier(ctx)
+    if ctx.is_main:
+        parts = [ViewCache.read(shards / f"rank-{r:05d}") for r in range(ctx.world_size)]
+        # a rank without a batch (more ranks than batches) wrote empty or no arrays
+        parts = [p for p in parts if p and min(len(a) for a in p.values()) > 0]
+        writer = cache.writer(path, meta)
+        try:
+            for name in parts[0]:
+                full = writer.allocate(name, (n, *parts[0][name].shape[1:]), parts[0][name].dtype)
+                start = 0
+                for p in parts:
+                    full[start : start + len(p[name])] = p[name]
+                    start += len(p[name])
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        shutil.rmtree(shards, ignore_errors=True)
+    barrier(ctx)
 
 
 class _compiled(torch.nn.Module):

@@ -10,7 +10,9 @@ What each mode is (architecture, dataset, class count, preprocessing preset) com
 from the ``oodens.json`` sidecar beside the checkpoint, else from the path
 ``.../<Dataset>/<Arch>/<mode>/``, else from the flags (``--arch``, ``--num-classes``,
 ``--benchmark``); ``--preset`` overrides the preprocessing of the whole set. A flag
-that contradicts the sidecar or the path is an error, as is anything left unknown.
+that contradicts the sidecar or the path is an error, as is anything left unknown. A leave-out
+member (ELOC) lists its ``kept_classes`` in the sidecar: ``num_classes`` is the dataset's, and its
+head has one output per kept class.
 """
 
 from __future__ import annotations
@@ -62,9 +64,21 @@ class Mode:
     def sha256(self) -> str:
         return sha256_file(self.checkpoint)
 
+    @property
+    def kept_classes(self) -> list[int] | None:
+        """A leave-out member's classes (output j predicts class ``kept_classes[j]``); None for a mode
+        that predicts all ``num_classes`` classes."""
+        kept = self.sidecar.get("kept_classes")
+        return [int(c) for c in kept] if kept else None
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the network's head: ``num_classes``, or the number of kept classes of a leave-out member."""
+        return len(self.kept_classes) if self.kept_classes else self.num_classes
+
     def load(self) -> nn.Module:
         """The network in eval mode on the CPU, weights loaded strictly."""
-        model = create_model(self.arch, self.num_classes)
+        model = create_model(self.arch, self.num_outputs)
         load_weights(model, self.checkpoint, self.arch)
         return model.eval()
 
@@ -171,7 +185,12 @@ def discover_modes(root: Path, flags: ModeFlags = ModeFlags()) -> list[Mode]:
 
 
 def check_consistent(modes: list[Mode]) -> None:
-    """All modes of a set share architecture, dataset, class count and preprocessing."""
+    """All modes of a set share architecture, dataset, class count and preprocessing.
+
+    Leave-out members (ELOC; ``kept_classes`` in the sidecar) are the one relaxation: their heads
+    predict different subsets of the dataset's ``num_classes`` classes, so their output widths may
+    differ. A set is either all leave-out members or none, and kept classes must be distinct
+    classes of the dataset."""
     first = modes[0]
     for m in modes[1:]:
         for attr in ("arch", "num_classes", "dataset", "preset"):
@@ -180,6 +199,18 @@ def check_consistent(modes: list[Mode]) -> None:
                     f"mode {m.name} has {attr} {getattr(m, attr)!r} but mode {first.name} has "
                     f"{getattr(first, attr)!r}: all modes of a set must share {attr}"
                 )
+    leave_out = [m for m in modes if m.kept_classes]
+    if leave_out and len(leave_out) != len(modes):
+        plain = next(m for m in modes if not m.kept_classes)
+        raise OodensError(
+            f"mode {leave_out[0].name} is a leave-out member (kept_classes in its {SIDECAR}) but mode {plain.name} "
+            f"is not: expected a set of leave-out members only, or of ordinary modes only"
+        )
+    for m in leave_out:
+        kept = m.kept_classes
+        if len(set(kept)) != len(kept) or not all(0 <= c < m.num_classes for c in kept):
+            raise OodensError(f"mode {m.name}: kept_classes {kept} in its {SIDECAR} are not distinct classes of "
+                              f"0..{m.num_classes - 1} (expected the sidecar oodens train --leave-out writes)")
 
 
 def mode_dir(out: Path, dataset_folder: str, arch: str, seed: int) -> Path:

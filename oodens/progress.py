@@ -8,7 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-def progress_bar(transient: bool = True) -> Progress:
+def progress_bar(transient: bool = True, disable: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -18,5 +18,5 @@ def progress_bar(transient: bool = True) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=stderr,
         transient=transient,
-        disable=not stderr.is_terminal,
+        disable=disable or not stderr.is_terminal,
     )

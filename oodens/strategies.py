@@ -86,18 +86,30 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 
-def resolve_strategy(detector_cls: type[Detector], requested: str | None) -> str:
-    """The detector's default strategy, or the requested one if the detector supports it."""
-    if requested is None:
-        return detector_cls.strategies[0]
-    if requested not in STRATEGIES:
+def resolve_strategy(detector_cls: type[Detector], requested: str | None, leave_out: bool = False) -> str:
+    """The detector's default strategy, or the requested one if the detector supports it.
+
+    ``leave_out``: the members are leave-out members (ELOC) with different kept classes; the default is
+    then the detector's first strategy that does not average logits or probabilities class by class
+    (``mean-scores`` for logit detectors), and such a strategy asked for explicitly is an error."""
+    if requested is not None and requested not in STRATEGIES:
         raise OodensError(f"unknown strategy {requested!r}: expected one of {', '.join(STRATEGIES)}")
-    if requested not in detector_cls.strategies:
+    if requested is not None and requested not in detector_cls.strategies:
         raise OodensError(
             f"strategy {requested!r} does not apply to detector {detector_cls.name!r}: "
             f"expected one of {', '.join(detector_cls.strategies)}"
         )
-    return requested
+    if leave_out:
+        allowed = detector_cls.leave_out_strategies()
+        if not allowed:
+            raise OodensError(f"{detector_cls.name} compares the members class by class, but leave-out members "
+                              f"predict different subsets of the classes: expected eloc or a per-member detector")
+        if requested is not None and requested not in allowed:
+            raise OodensError(f"strategy {requested!r} averages the members' logits or probabilities class by class, "
+                              f"but leave-out members predict different subsets of the classes: expected "
+                              f"{' or '.join(allowed)} for {detector_cls.name}")
+        return requested or allowed[0]
+    return requested or detector_cls.strategies[0]
 
 
 def ensemble_scores(

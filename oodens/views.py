@@ -63,7 +63,8 @@ class Views:
     """The arrays of one mode (or one combined ensemble) on one dataset split.
 
     ``weight``/``bias`` are the mode's final linear layer (the same for every split);
-    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`.
+    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`; ``classes`` is set for
+    a leave-out member only: the dataset class of each logit column (its ``kept_classes``).
     """
 
     logits: np.ndarray | None = None
@@ -72,6 +73,7 @@ class Views:
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         for a in (self.logits, self.features, self.labels, *self.extra.values()):

@@ -120,13 +120,13 @@ KILLER = textwrap.dedent(
     calls = {"n": 0}
     real = E._compute_into
 
-    def dying(model, source, spec, writer, preset, batch_size, device, on_batch, *rest):
+    def dying(model, *, on_batch, **kw):
         def counting():
             calls["n"] += 1
             if calls["n"] == int(sys.argv[3]):
                 os.kill(os.getpid(), signal.SIGKILL)  # as hard as it gets: no cleanup runs
             on_batch()
-        real(model, source, spec, writer, preset, batch_size, device, counting, *rest)
+        real(model, on_batch=counting, **kw)
 
     E._compute_into = dying
     b = get_benchmark("digits")
@@ -192,3 +192,23 @@ def test_bf16_views_are_other_views_close_to_fp32(two_modes, tmp_path):
     assert (z16.argmax(1) == z32.argmax(1)).mean() > 0.95
     with pytest.raises(Exception, match="precision"):
         extract(modes, [b.id_test], cache, precision="int8")
+
+
+def test_torchrun_sharded_views_equal_single_process_views(two_modes, tmp_path):
+    """2 gloo processes share each pass; rank 0 writes: the views equal one process's, bit for bit."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "oodens", "extract", "--modes", str(two_modes), "--cache-dir", str(tmp_path / "dist"),
+           "--batch-size", "64", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "views extracted" in proc.stderr
+    assert not list((tmp_path / "dist").rglob(".shards-*")) and not list((tmp_path / "dist").rglob(".tmp-*"))
+    single = extract(discover_modes(two_modes), _sources(), ViewCache(tmp_path / "one"), batch_size=64)
+    sharded = extract(discover_modes(two_modes), _sources(), ViewCache(tmp_path / "dist"), batch_size=64)
+    assert sharded.computed == 0  # everything was written by the torchrun run
+    _assert_same_views(single, sharded)

@@ -13,6 +13,8 @@ All images are float32 in [0, 1] with shape (N, 1, 8, 8).
 
 from __future__ import annotations
 
+import string
+
 import numpy as np
 
 from oodens.data.benchmarks import Benchmark
@@ -56,14 +58,13 @@ def digits_6789():
     return x[keep], np.full(int(keep.sum()), -1, dtype=np.int64)
 
 
-def letters(n: int = N_FAR, seed: int = 6789):
-    """Capital letters drawn with Pillow's bundled font under random jitter."""
+def letters(n: int = N_FAR, seed: int = 6789, alphabet: str = string.ascii_uppercase):
+    """Capital letters (or ``alphabet``) drawn with Pillow's bundled font under random jitter."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
     canvas = 32
     out = np.empty((n, 1, 8, 8), dtype=np.float32)
-    alphabet = [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     fonts = {}
     for i in range(n):
         ch = alphabet[i % len(alphabet)]
@@ -83,6 +84,12 @@ def letters(n: int = N_FAR, seed: int = 6789):
         peak = small.max() if small.max() > 0 else 1.0
         out[i, 0] = np.round(small / peak * LEVELS) / LEVELS
     return out, np.full(n, -1, dtype=np.int64)
+
+
+def letters_lower(n: int = N_FAR, seed: int = 2024):
+    """Training outliers for ``oodens train --diversity oe``: the lower-case letters a-z drawn like
+    ``letters`` with another seed. Never an evaluation OOD set of the benchmark."""
+    return letters(n, seed, string.ascii_lowercase)
 
 
 def noise(n: int = N_FAR, seed: int = 4242):

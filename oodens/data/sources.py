@@ -316,17 +316,12 @@ def image_list(name: str, split: str, listfile: Path, root: Path, labelled: bool
     return FileListSource(name, split, root, items, "imglist")
 
 
-class SubsetSource(DataSource):
-    """A seeded random subsample (sorted indices) of another source: ``--fit-fraction``."""
+class IndexSource(DataSource):
+    """The samples of another source at the given indices, in that order."""
 
-    def __init__(self, source: DataSource, fraction: float, seed: int = 0):
+    def __init__(self, source: DataSource, index: np.ndarray):
         super().__init__(source.name, source.split)
-        if not 0 < fraction <= 1:
-            raise OodensError(f"--fit-fraction {fraction}: expected a fraction in (0, 1]")
-        self.source, self.fraction, self.seed = source, fraction, seed
-        n = len(source)
-        k = max(1, int(round(n * fraction)))
-        self.index = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+        self.source, self.index = source, np.asarray(index, dtype=np.int64)
         self.channels = source.channels
 
     def __len__(self):
@@ -338,6 +333,22 @@ class SubsetSource(DataSource):
     @property
     def labels(self):
         return np.asarray(self.source.labels)[self.index]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.source.fingerprint.encode() + self.index.tobytes()).hexdigest()
+
+
+class SubsetSource(IndexSource):
+    """A seeded random subsample (sorted indices) of another source: ``--fit-fraction``."""
+
+    def __init__(self, source: DataSource, fraction: float, seed: int = 0):
+        if not 0 < fraction <= 1:
+            raise OodensError(f"--fit-fraction {fraction}: expected a fraction in (0, 1]")
+        n = len(source)
+        k = max(1, int(round(n * fraction)))
+        super().__init__(source, np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False)))
+        self.fraction, self.seed = fraction, seed
 
     @property
     def fingerprint(self) -> str:

@@ -23,6 +23,11 @@ def param(default: Any, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+#: ensemble strategies that combine members class by class (average their logits or probabilities):
+#: undefined for leave-out members, whose heads predict different subsets of the classes
+CLASSWISE_STRATEGIES = ("mean-logits", "mean-probs")
+
+
 @dataclass
 class Detector:
     #: registry name, used on the command line
@@ -37,12 +42,26 @@ class Detector:
     strategies: ClassVar[tuple[str, ...]] = ()
     #: defined on the whole ensemble only (no per-member scores)
     ensemble_only: ClassVar[bool] = False
+    #: an ensemble-only score that compares the members class by class (pds, mi)
+    classwise_ensemble: ClassVar[bool] = False
+
+    @classmethod
+    def leave_out_strategies(cls) -> tuple[str, ...]:
+        """The strategies that apply to leave-out members (ELOC), whose heads predict different class
+        subsets: every strategy but those averaging logits or probabilities class by class."""
+        if cls.ensemble_only:
+            return () if cls.classwise_ensemble else cls.strategies
+        return tuple(s for s in cls.strategies if s not in CLASSWISE_STRATEGIES)
 
     @classmethod
     def applies_to(cls, members: list[dict]) -> str | None:
         """None if the detector applies to these members (their sidecars), else why not."""
         if cls.ensemble_only and len(members) < 2:
             return f"{cls.name} is defined on an ensemble: expected at least 2 modes, got {len(members)}"
+        if any(m.get("kept_classes") for m in members) and not cls.leave_out_strategies():
+            return (f"{cls.name} compares the members class by class, but leave-out members (kept_classes in "
+                    f"their oodens.json) predict different subsets of the classes: expected eloc, or a "
+                    f"per-member detector (its mean-scores/concat ensemble)")
         return None
 
     def view_specs(self) -> list[ViewSpec]:

@@ -18,6 +18,7 @@ class EnsembleDetector(Detector):
     needs = ("logits",)
     strategies = ("ensemble",)
     ensemble_only = True
+    classwise_ensemble = True
 
     @staticmethod
     def member_probs(members: list[Views], temperature: float = 1.0) -> np.ndarray:
@@ -70,6 +71,7 @@ class ELOC(EnsembleDetector):
     """
 
     name = "eloc"
+    classwise_ensemble = False  # each member's own softmax: different kept classes are what it is made for
     temperature: float = param(1000.0, "ELOC temperature T")
 
     @classmethod

@@ -1,0 +1,311 @@
+"""oodens benchmarks: ratios measured side by side in one run (the machines are shared and noisy).
+
+    python benchmarks/run.py            # the full synthetic benchmark (R18 at 32x32)
+    python benchmarks/run.py --quick    # a few minutes on a 2-core CPU
+
+The synthetic benchmark: R18 modes (random weights, 10 classes, `cifar` preset) on random
+32x32 images generated per index (so memory does not depend on the dataset size):
+ID train / ID test / 3 OOD sets of 10k / 2k / 3 x 2k images (quick: 2k / 500 / 3 x 500).
+The last line printed is a JSON summary; every key is a ratio of two timings (or memory
+peaks) taken in this run:
+
+- grid_over_extract: `eval --detector all` over all OOD sets with a cold cache / the extraction alone;
+- speedup_vs_recompute: the same grid done the reference scripts' way (a forward pass per
+  detector per OOD set, the ID data re-run every time, as many passes as each detector needs)
+  / oodens. The reference's forward passes are not re-run 45 times: each kind of pass is timed
+  here on each set and the reference total is the sum over (detector, OOD set) of the passes
+  it needs, plus the same scoring time as oodens;
+- gradnorm_closed_form_speedup: per-sample autograd (batch size 1, as the reference) / the
+  closed form on cached views, on R18 at 32x32 (scores checked equal to 1e-4 relative);
+- extract_over_bare_forward: extraction throughput / bare `model(x)` on preloaded tensors;
+- peak_rss_growth: peak anonymous RSS (views are memory-mapped files, so excluded) of
+  extraction in a fresh process at 2x the dataset size / at 1x;
+- fit_memory_imagenet_scale: knn and mahalanobis fitted on memory-mapped features of
+  ImageNet-scale concatenated width (5 x 2048) and a stated fraction of 1.28M rows; peak
+  anonymous RSS against the stated bound (faiss flat bank n x D x 4 bytes; mahalanobis
+  D x D x 8 bytes x 3 plus one block), projected to 1.28M rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from oodens.archs import create_model
+from oodens.checkpoints import save_checkpoint
+from oodens.data import get_preset
+from oodens.data.sources import DataSource
+from oodens.detectors import DETECTORS
+from oodens.evaluate import evaluate_detector
+from oodens.extract import extract
+from oodens.modes import discover_modes
+from oodens.viewkinds import VIEW_KINDS
+from oodens.views import ViewCache, Views
+
+
+class SyntheticSource(DataSource):
+    """Random 32x32 RGB images made from (seed, index): no array held in memory."""
+
+    def __init__(self, name: str, split: str, n: int, seed: int, labelled: bool, shift: float = 0.0):
+        super().__init__(name, split)
+        self.n, self.seed, self.labelled, self.shift = n, seed, labelled, shift
+
+    def __len__(self):
+        return self.n
+
+    def item(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        x = (torch.rand(3, 32, 32, generator=g) * (1 - self.shift) + self.shift).clamp(0, 1)
+        return x, (int(torch.randint(0, 10, (1,), generator=g)) if self.labelled else -1)
+
+    @property
+    def labels(self):
+        return np.array([self.item(i)[1] for i in range(self.n)], dtype=np.int64)
+
+    @property
+    def fingerprint(self):
+        return hashlib.sha256(f"synthetic/{self.n}/{self.seed}/{self.labelled}/{self.shift}".encode()).hexdigest()
+
+
+def peak_anon_rss(fn, interval=0.005):
+    """(result, peak RssAnon in bytes while fn runs), sampled from /proc/self/status."""
+    def read():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    peak, done = [read()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], read())
+            time.sleep(interval)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        t.join()
+    return result, max(peak[0], read())
+
+
+def make_modes(root: Path, n_modes: int) -> Path:
+    folder = root / "Synthetic" / "R18"
+    for k in range(n_modes):
+        torch.manual_seed(1000 + 100 * k)
+        model = create_model("R18", 10)
+        save_checkpoint(folder / f"seed-{1000 + 100 * k}" / "checkpoint.pth.tar", model,
+                        {"arch": "R18", "dataset": "synthetic", "num_classes": 10, "preset": "cifar"})
+    return folder
+
+
+def sets(scale: int):
+    n_train, n_test, n_ood = (10_000, 2_000, 2_000) if scale == 1 else (2_000, 500, 500)
+    train = SyntheticSource("synthetic", "train", n_train, 1, True)
+    test = SyntheticSource("synthetic", "test", n_test, 2, True)
+    oods = {f"ood{j}": SyntheticSource(f"ood{j}", "test", n_ood, 10 + j, False, shift=0.1 * (j + 1)) for j in range(3)}
+    return train, test, oods
+
+
+def score_all(modes, ex, train, test, oods):
+    members = [m.name for m in modes]
+    tv = [ex.get(m, train) for m in members]
+    te = [ex.get(m, test) for m in members]
+    ov = {o: [ex.get(m, s) for m in members] for o, s in oods.items()}
+    for name, cls in DETECTORS.items():
+        if cls.applies_to([{"name": m} for m in members]) is None:
+            evaluate_detector(name, {}, None, members, tv, te, ov)
+
+
+def time_pass(model, source, spec, batch_size):
+    """Seconds for one pass of a view kind over a source (as a reference script would run it)."""
+    preset = get_preset("cifar")
+    fn = VIEW_KINDS[spec.kind]
+    t = time.perf_counter()
+    for x, _ in source.loader(preset, batch_size):
+        fn(model, x, preset, **dict(spec.params))
+    return time.perf_counter() - t
+
+
+def bench_grid(work: Path, quick: bool, batch_size: int) -> dict:
+    modes = discover_modes(make_modes(work / "modes", 2 if quick else 3))
+    train, test, oods = sets(0 if quick else 1)
+    specs = sorted({s for cls in DETECTORS.values() for s in cls().view_specs()}, key=lambda s: s.id)
+    cache = ViewCache(work / "cache")
+    t0 = time.perf_counter()
+    ex = extract(modes, [train, test, *oods.values()], cache, batch_size=batch_size, device="cpu", specs=specs,
+                 base_only=[train])
+    t_extract = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score_all(modes, ex, train, test, oods)
+    t_score = time.perf_counter() - t0
+
+    # the reference way: per detector and OOD set, re-run the passes it needs on ID test + that OOD set
+    # (+ ID train for detectors that fit); pass times measured on one mode, times the number of modes
+    model = modes[0].load()
+    from oodens.views import BASE
+
+    pass_time = {}
+    for spec in [BASE, *specs]:
+        pass_time[(spec, "test")] = time_pass(model, test, spec, batch_size)
+        pass_time[(spec, "ood")] = np.mean([time_pass(model, s, spec, batch_size) for s in oods.values()])
+    pass_time[(BASE, "train")] = time_pass(model, train, BASE, batch_size)
+    reference = 0.0
+    for cls in DETECTORS.values():
+        if cls.applies_to([{"name": m.name} for m in modes]) is not None:
+            continue
+        spec = (cls().view_specs() or [BASE])[0]
+        per_ood = pass_time[(spec, "test")] + pass_time[(spec, "ood")]
+        if cls.needs_fit:
+            per_ood += pass_time[(BASE, "train")]
+        reference += per_ood * len(oods) * len(modes)
+    reference += t_score
+    return {
+        "grid_over_extract": (t_extract + t_score) / t_extract,
+        "speedup_vs_recompute": reference / (t_extract + t_score),
+        "_grid": {"extract_s": t_extract, "score_s": t_score, "reference_s": reference,
+                  "modes": len(modes), "train": len(train), "test": len(test), "ood": [len(s) for s in oods.values()]},
+    }
+
+
+def bench_gradnorm(n: int) -> dict:
+    torch.manual_seed(0)
+    model = create_model("R18", 10).eval()
+    x = torch.rand(n, 3, 32, 32)
+    t0 = time.perf_counter()
+    ref = np.empty(n)
+    for i in range(n):  # the reference: batch size 1, backward to the final layer
+        model.zero_grad(set_to_none=True)
+        z = model(x[i : i + 1])
+        loss = torch.sum(-torch.log_softmax(z, dim=1))
+        loss.backward()
+        ref[i] = model.classifier.weight.grad.abs().sum().item()
+    t_autograd = time.perf_counter() - t0
+    with torch.no_grad():  # oodens: the views are extracted once (not timed here: they serve every detector)
+        h = model.forward_features(x)
+        z = model.classifier(h)
+    views = Views(logits=z.numpy().astype(np.float64), features=h.numpy().astype(np.float64))
+    det = DETECTORS["gradnorm"]()
+    reps = 20
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        ours = det.score(views)
+    t_closed = (time.perf_counter() - t0) / reps
+    rel = float(np.max(np.abs(ours - ref) / np.abs(ref)))
+    assert rel < 1e-4, rel
+    return {"gradnorm_closed_form_speedup": t_autograd / t_closed,
+            "_gradnorm": {"samples": n, "autograd_s": t_autograd, "closed_form_s": t_closed, "max_rel_diff": rel}}
+
+
+def bench_bare_forward(work: Path, n: int, batch_size: int) -> dict:
+    modes = discover_modes(make_modes(work / "bare-modes", 1))
+    src = SyntheticSource("bare", "test", n, 77, True)
+    model = modes[0].load()
+    preset = get_preset("cifar")
+    xs = [x for x, _ in src.loader(preset, batch_size)]  # preloaded, preprocessed tensors
+    with torch.inference_mode():
+        model(xs[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in xs:
+            model(x)
+        t_bare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    extract(modes, [src], ViewCache(work / "bare-cache"), batch_size=batch_size, device="cpu")
+    t_extract = time.perf_counter() - t0
+    return {"extract_over_bare_forward": (n / t_extract) / (n / t_bare),
+            "_throughput": {"images": n, "extract_img_s": n / t_extract, "bare_img_s": n / t_bare}}
+
+
+def _rss_child(n: int, work: str) -> None:
+    """In a fresh process: extract one mode on n images; print the peak anonymous RSS."""
+    work = Path(work)
+    modes = discover_modes(work / "modes" / "Synthetic" / "R18")[:1]
+    src = SyntheticSource("rss", "test", n, 5, True)
+    _, peak = peak_anon_rss(lambda: extract(modes, [src], ViewCache(work / f"cache-{n}"), batch_size=128,
+                                            device="cpu"))
+    print(peak)
+
+
+def bench_rss(work: Path, n: int) -> dict:
+    make_modes(work / "rss" / "modes", 1)
+    peaks = {}
+    for size in (n, 2 * n):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", str(size), str(work / "rss")],
+                             capture_output=True, text=True, check=True)
+        peaks[size] = int(out.stdout.strip().splitlines()[-1])
+    return {"peak_rss_growth": peaks[2 * n] / peaks[n], "_rss": {"images": [n, 2 * n], "peak_anon_bytes": list(peaks.values())}}
+
+
+def bench_fit_memory(work: Path, fraction: float) -> dict:
+    n_full, d = 1_281_167, 5 * 2048
+    n = int(n_full * fraction)
+    path = work / "features.npy"
+    feats = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    rng = np.random.default_rng(0)
+    for s in range(0, n, 8192):
+        feats[s : s + 8192] = np.abs(rng.standard_normal((min(8192, n - s), d), dtype=np.float32))
+    feats.flush()
+    del feats
+    feats = np.load(path, mmap_mode="r")
+    labels = np.arange(n) % 1000
+    train = Views(features=feats, labels=labels)
+    query = Views(features=np.load(path, mmap_mode="r")[:2000])
+    out = {}
+    for name, bound in (("knn", n * d * 4), ("mahalanobis", 3 * d * d * 8 + 8192 * d * 8 * 2)):
+        det = DETECTORS[name]()
+        base = peak_anon_rss(lambda: None)[1]
+        (_, peak) = peak_anon_rss(lambda: det.fit(train).score(query))
+        used = peak - base
+        full = n_full * d * 4 if name == "knn" else bound
+        out[name] = {"rows": n, "dim": d, "fraction": fraction, "peak_anon_bytes": used, "bound_bytes": bound,
+                     "within_bound": bool(used <= 1.25 * bound + 256 * 2**20),
+                     "projected_full_scale_bytes": full}
+    path.unlink()
+    return {"fit_memory_imagenet_scale": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        _rss_child(int(args.rss_child[0]), args.rss_child[1])
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    summary = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "quick": args.quick}}
+    with tempfile.TemporaryDirectory(prefix="oodens-bench-") as tmp:
+        work = Path(tmp)
+        steps = [
+            ("grid", lambda: bench_grid(work, args.quick, args.batch_size)),
+            ("gradnorm", lambda: bench_gradnorm(100 if args.quick else 500)),
+            ("bare", lambda: bench_bare_forward(work, 1000 if args.quick else 4000, args.batch_size)),
+            ("rss", lambda: bench_rss(work, 1000 if args.quick else 4000)),
+            ("fit", lambda: bench_fit_memory(work, 0.01 if args.quick else 0.05)),
+        ]
+        for name, step in steps:
+            t0 = time.perf_counter()
+            res = step()
+            print(f"[{name}] {time.perf_counter() - t0:.1f} s: " + json.dumps(res, default=float), file=sys.stderr,
+                  flush=True)
+            summary.update(res)
+    print(json.dumps(summary, default=float))
+
+
+if __name__ == "__main__":
+    main()
