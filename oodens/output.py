@@ -75,7 +75,8 @@ def summary_table(records: list[dict]) -> Table:
     first = records[0]
     oods = list(dict.fromkeys(r["ood"] for r in records))
     target = AVERAGE if AVERAGE in oods else oods[-1]
-    table = Table(title=f"summary · {target if target != AVERAGE else 'average over ' + ', '.join(o for o in oods if o != AVERAGE)}",
+    sets = list(dict.fromkeys(r["ood"] for r in records if r.get("kind") not in ("average", "shift-average")))
+    table = Table(title=f"summary · {target if target != AVERAGE else 'average over ' + ', '.join(sets)}",
                   caption=CONVENTION[first["positive"]] + "; values in %, mean ± std over modes",
                   box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
     for head in ("detector", "strategy", "FPR95 modes", "FPR95 ens.", "AUROC modes", "AUROC ens.",
