@@ -336,6 +336,7 @@ def eval_cmd(
         "preset": modes[0].preset,
         "fit_fraction": fit_fraction,
         "precision": precision,
+        "leave_out": any(v.classes is not None for v in test_v),
     }
     all_records = []
     results_dir = results or default_results_dir()

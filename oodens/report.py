@@ -44,7 +44,7 @@ LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": 
 NOT_PERCENT = {"id_nll", "id_brier"}
 FAMILY = ["benchmark", "modes", "positive"]  # one set of tables per mode set, benchmark and convention
 KEYS = ["benchmark", "modes", "arch", "positive", "detector", "strategy", "params", "fit_fraction", "setting",
-        "n_members", "member", "role", "ood", "kind", "n_subsets", "ensemble_size"]
+        "n_members", "member", "role", "ood", "kind", "n_subsets", "ensemble_size", "leave_out"]
 TABLES = ("ood", "stats", "id", "shift", "size")
 GROUP_BY = ("metric", "detector")
 
@@ -79,7 +79,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                "setting": setting_name(r["detector"], r["strategy"], params, fit), "n_members": int(r["n_members"]),
                "member": r["member"], "role": member_role(r["member"]), "ood": r["ood"], "kind": r["kind"],
                "n_subsets": float(r.get("n_subsets", math.nan)),
-               "ensemble_size": float(r.get("ensemble_size", math.nan))}
+               "ensemble_size": float(r.get("ensemble_size", math.nan)),
+               "leave_out": bool(r.get("leave_out", False))}
         row.update({k: float(r[k]) if r.get(k) is not None else math.nan for k in VALUES})
         rows.append(row)
     frame = pd.DataFrame(rows, columns=KEYS + list(VALUES))
@@ -344,10 +345,20 @@ def quality_tables(frame: pd.DataFrame) -> list[Table]:
         rows = _quality_rows(sub.assign(ood="ID test"), [(m, "ID test") for m in QUALITY])
         head = ["member"] + [LABELS[m] + ("" if m in NOT_PERCENT else " %") + f" {arrow(m)}" for m in QUALITY]
         caption = (f"ID test set of {info['benchmark']}. Accuracy and ECE in % (ECE: {cal.ECE_BINS} equal-width "
-                   "bins), NLL in nats, Brier = mean sum of squares over classes. Ensemble: mean of the members' "
-                   "softmax (accuracy: argmax of the averaged logits).")
+                   "bins), NLL in nats, Brier = mean sum of squares over classes. " + _ensemble_note(sub, quality=True))
         out.append(Table("id", f"ID quality and calibration · {title}", caption, pd.DataFrame(rows, columns=head), 1))
     return out
+
+
+def _ensemble_note(sub: pd.DataFrame, quality: bool) -> str:
+    """How the ensemble's prediction is formed, for a caption (leave-out members differ)."""
+    if sub["leave_out"].any():
+        return ("Leave-out members are judged on the test samples of the classes they kept; ensemble: each member's "
+                "softmax spread over all classes (0 on the classes it left out), averaged" +
+                (" (accuracy: argmax of that mean)." if quality else "; accuracy: argmax of that mean."))
+    if quality:
+        return "Ensemble: mean of the members' softmax (accuracy: argmax of the averaged logits)."
+    return "Ensemble: argmax of the averaged logits."
 
 
 def shift_tables(frame: pd.DataFrame) -> list[Table]:
@@ -365,7 +376,7 @@ def shift_tables(frame: pd.DataFrame) -> list[Table]:
         wide = pd.DataFrame(rows, columns=["member", "clean", *[o.split("/", 1)[-1] for o in sets], *sev])
         wide = wide.set_index("member").T.rename_axis(None, axis=1).rename_axis("set").reset_index()
         caption = ("Accuracy in % on the ID test set (clean) and its corrupted copies (rows); C-s: mean over the "
-                   "corruptions at severity s. Ensemble: argmax of the averaged logits.")
+                   "corruptions at severity s. " + _ensemble_note(sub, quality=False))
         out.append(Table("shift", f"Accuracy under covariate shift · {title}", caption, wide, 1))
     return out
 

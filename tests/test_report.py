@@ -199,6 +199,18 @@ def test_id_quality_table_and_reliability_match_the_views(store):
     np.testing.assert_allclose(got["ensemble"], probs["ensemble"], rtol=1e-12)
 
 
+def test_captions_say_how_the_ensemble_predicts(store):
+    # independent seeds: the averaged logits; leave-out members (ELOC): the spread, averaged softmax
+    frame = report.load_frame(store["results"])
+    assert not frame["leave_out"].any()
+    (table,) = report.quality_tables(frame)
+    assert "argmax of the averaged logits" in table.caption and "left out" not in table.caption
+    (table,) = report.quality_tables(frame.assign(leave_out=True))
+    assert "averaged logits" not in table.caption and "0 on the classes it left out" in table.caption
+    (table,) = report.shift_tables(frame.assign(leave_out=True))
+    assert "averaged logits" not in table.caption and "kept" in table.caption
+
+
 def test_shift_table_accuracy_by_hand(store):
     views = store["views"]
     labels = np.load(views / MODES[0] / "digits" / "test" / "labels.npy")

@@ -272,11 +272,15 @@ def test_leave_out_members_train_and_evaluate_with_eloc(tmp_path, capsys):
         assert s["kept_classes"] == split[k][0] and s["left_out_classes"] == split[k][1] and s["num_classes"] == 6
         assert weights(folder / f"seed-2-m{k}" / "checkpoint.pth.tar")["fc.weight"].shape == (4, 128)
     cache = str(tmp_path / "c")
-    code, out, err = run(["eval", "--modes", str(folder), "--detector", "eloc", "--json", "--cache-dir", cache], capsys)
+    code, out, err = run(["eval", "--modes", str(folder), "--detector", "eloc", "--json", "--cache-dir", cache,
+                          "--results", str(tmp_path / "res")], capsys)
     assert code == 0, err
     recs = json.loads(out)
     assert {r["member"] for r in recs} == {"ensemble"} and {r["strategy"] for r in recs} == {"ensemble"}
     assert all(0 <= r["auroc"] <= 1 for r in recs)
+    from oodens import report  # the stored run knows its members left classes out
+
+    assert report.load_frame(tmp_path / "res")["leave_out"].all()
 
     # ensemble accuracy: argmax of the members' softmax spread over the 6 classes and averaged
     code, _, err = run(["extract", "--modes", str(folder), "--cache-dir", cache, "--export", str(tmp_path / "v")],
