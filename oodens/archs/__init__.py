@@ -7,6 +7,8 @@ Every architecture is an ``nn.Module`` with
 Extraction calls the first two, so logits and features always agree. For RankFeat
 an architecture also names its last two stages: ``rankfeat_stages(x) -> (second-to-last
 stage map, last stage map)``, ``last_stage(map)`` and ``logits_from_last_stage(map)``.
+Convolutional networks get all of these from ``stages.StagedNetwork`` by naming
+``to_second_stage``, ``last_stage``, ``pool`` and ``classifier``.
 """
 
 from __future__ import annotations

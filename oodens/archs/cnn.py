@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from oodens.archs import register_arch
+from oodens.archs.stages import StagedNetwork
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class DigitsCNN(nn.Module):
+class DigitsCNN(StagedNetwork, nn.Module):
     feature_dim = 128
 
     def __init__(self, num_classes: int, in_channels: int = 1):
@@ -30,26 +31,16 @@ class DigitsCNN(nn.Module):
     def classifier(self) -> nn.Linear:
         return self.fc
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.layer3(self.layer2(self.layer1(x))))
-
     @staticmethod
     def pool(a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1)
 
     # RankFeat's two stages: layer2 (64 x 4 x 4) and layer3 (128 x 2 x 2)
-    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        second = self.layer2(self.layer1(x))
-        return second, self.layer3(second)
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer2(self.layer1(x))
 
     def last_stage(self, a: torch.Tensor) -> torch.Tensor:
         return self.layer3(a)
-
-    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
 
 
 @register_arch("cnn", folder="CNN")

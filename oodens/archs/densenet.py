@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs import register_arch
+from oodens.archs.stages import StagedNetwork
 
 
 class Bottleneck(nn.Module):
@@ -73,7 +74,7 @@ class DenseBlock(nn.Module):
         return self.layer(x)
 
 
-class DenseNetBC(nn.Module):
+class DenseNetBC(StagedNetwork, nn.Module):
     """DenseNet-BC for 32x32 inputs (DICE's ``DenseNet3`` with ``bottleneck=True``)."""
 
     def __init__(self, depth: int, num_classes: int, growth: int = 12, reduction: float = 0.5,
@@ -110,25 +111,12 @@ class DenseNetBC(nn.Module):
     def pool(a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.avg_pool2d(a, 8), 1)
 
-    def _to_trans2(self, x: torch.Tensor) -> torch.Tensor:
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
         out = self.trans1(self.block1(self.conv1(x)))
         return self.trans2(self.block2(out))
 
     def last_stage(self, a: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.block3(a)))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.last_stage(self._to_trans2(x)))
-
-    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        second = self._to_trans2(x)
-        return second, self.last_stage(second)
-
-    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
 
 
 @register_arch("DNBC100", folder="DNBC100")
@@ -136,14 +124,14 @@ def dnbc100(num_classes: int) -> nn.Module:
     return DenseNetBC(100, num_classes, growth=12, reduction=0.5)
 
 
-class _TorchvisionDenseNetInterface:
+class _TorchvisionDenseNetInterface(StagedNetwork):
     """oodens' interface on top of ``torchvision.models.DenseNet`` (keys unchanged;
     torchvision's own ``classifier`` attribute is the head)."""
 
     def pool(self, a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(F.relu(a), 1), 1)
 
-    def _to_transition3(self, x: torch.Tensor) -> torch.Tensor:
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
         for name, module in self.features.named_children():
             x = module(x)
             if name == "transition3":
@@ -152,19 +140,6 @@ class _TorchvisionDenseNetInterface:
 
     def last_stage(self, a: torch.Tensor) -> torch.Tensor:
         return self.features.norm5(self.features.denseblock4(a))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x))
-
-    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        second = self._to_transition3(x)
-        return second, self.last_stage(second)
-
-    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(x))
 
 
 @functools.cache

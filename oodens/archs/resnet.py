@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs import register_arch
+from oodens.archs.stages import StagedNetwork
 
 
 class BasicBlock(nn.Module):
@@ -50,28 +51,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class _ResNetStages:
-    """The oodens interface shared by both ResNets, given ``_to_layer3``, ``layer4``, ``pool``
-    and ``classifier``: features = pool(layer4), RankFeat stages = (layer3, layer4)."""
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.layer4(self._to_layer3(x)))
-
-    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        second = self._to_layer3(x)
-        return second, self.layer4(second)
-
-    def last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.layer4(a)
-
-    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.forward_features(x))
-
-
-class CifarResNet(_ResNetStages, nn.Module):
+class CifarResNet(StagedNetwork, nn.Module):
     """ResNet for 32x32 inputs (3x3 stem, no max-pool); ``linear`` head."""
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int, in_channels: int = 3):
@@ -97,9 +77,12 @@ class CifarResNet(_ResNetStages, nn.Module):
     def pool(a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.avg_pool2d(a, 4), 1)
 
-    def _to_layer3(self, x: torch.Tensor) -> torch.Tensor:
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(out)))
+
+    def last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self.layer4(a)
 
 
 @register_arch("R18", folder="R18")
@@ -107,7 +90,7 @@ def r18(num_classes: int) -> nn.Module:
     return CifarResNet((2, 2, 2, 2), num_classes)
 
 
-class _TorchvisionResNetInterface(_ResNetStages):
+class _TorchvisionResNetInterface(StagedNetwork):
     """oodens' interface on top of ``torchvision.models.ResNet`` (keys unchanged)."""
 
     @property
@@ -117,9 +100,12 @@ class _TorchvisionResNetInterface(_ResNetStages):
     def pool(self, a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(a), 1)
 
-    def _to_layer3(self, x: torch.Tensor) -> torch.Tensor:
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))
+
+    def last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self.layer4(a)
 
 
 @functools.cache

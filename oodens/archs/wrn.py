@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs import register_arch
+from oodens.archs.stages import StagedNetwork
 
 
 class WideBasic(nn.Module):
@@ -43,7 +44,7 @@ class WideBasic(nn.Module):
         return out + self.shortcut(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedNetwork, nn.Module):
     def __init__(self, depth: int, widen_factor: int, dropout_rate: float, num_classes: int, in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6:
@@ -75,24 +76,11 @@ class WideResNet(nn.Module):
     def pool(a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.avg_pool2d(a, 8), 1)
 
-    def _to_layer2(self, x: torch.Tensor) -> torch.Tensor:
+    def to_second_stage(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer2(self.layer1(self.conv1(x)))
 
     def last_stage(self, a: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn1(self.layer3(a)))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.last_stage(self._to_layer2(x)))
-
-    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        second = self._to_layer2(x)
-        return second, self.last_stage(second)
-
-    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.pool(a))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.forward_features(x))
 
 
 @register_arch("WRN28X10", folder="WRN28X10")
