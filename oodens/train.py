@@ -16,8 +16,11 @@ The recipes are the table :data:`RECIPES` (method x dataset family); ``--epochs`
 generator draws each epoch's permutation and the augmentation (the shift offsets of a batch, or a
 seed per sample for per-sample augmentation in DataLoader workers), so results do not depend on
 the number of workers. The digits recipe always runs with deterministic algorithms (the same seed
-on the same machine gives bit-identical weights); ``--deterministic`` turns them on for every recipe
-(plus cuDNN's deterministic flags).
+in the same environment gives bit-identical weights); ``--deterministic`` turns them on for every recipe
+(plus cuDNN's deterministic flags). Bit-identity holds within one environment only: the CPU kernels
+(oneDNN, MKL, ATen's vectorised code) are chosen per instruction set and change between torch
+releases, so every sidecar records :func:`environment` (torch release, CPU, kernel ISA caps) and
+weights are comparable bit for bit only where that record matches.
 
 Under ``torchrun`` each process takes every world_size-th sample of each global batch (``--batch-size``
 is the global batch), the members are wrapped in DistributedDataParallel, and rank 0 saves.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -278,6 +282,31 @@ class TrainResult:
     accuracies: list[float]
     state: Path
     main: bool = True
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """What decides the floating-point result of training, recorded in every sidecar: the torch release,
+    the machine and CPU, the ISA ATen dispatches to, the oneDNN ISA cap (``ONEDNN_MAX_CPU_ISA``, "native"
+    when unset) and the device. The same seed reproduces weights bit for bit only where all of it matches."""
+    dev = torch.device(device)
+    return {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+        "device": dev.type if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+    }
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -589,6 +618,7 @@ def train(
                               "augment": recipe.augment, "processes": ctx.world_size,
                               "deterministic": deterministic or recipe.deterministic},
                     **objective.member_sidecar(k),
+                    "environment": environment(dev),
                     "oodens_version": __version__,
                 }
                 save_checkpoint(path, m.cpu(), sidecar, prefix="module." if recipe.module_prefix else "")
