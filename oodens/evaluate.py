@@ -1,19 +1,29 @@
-"""Scoring: detectors per member and per ensemble strategy, metrics, and the records eval prints and stores.
+"""Scoring a detector on a mode set: score members -> score the ensemble -> sweep subsets -> records.
 
-Records are flat dicts (one per detector x strategy x row x OOD set). ``member`` is a
-mode name, ``"mean"``/``"std"`` (over modes, sample std), ``"ensemble"``, or for the
-ensemble-size sweep ``"subsets-<k>-mean"``/``"subsets-<k>-std"`` (over the k-of-N
-subsets, with ``n_subsets``). ``ood`` is an OOD set name, ``"average"`` (mean over the
-semantic OOD sets, taken per row before mean/std; only when there are several) or
-``"near"``/``"far"`` (means over the benchmark's near-/far-OOD sets, when it names both) or
-``"C-<s>"`` (mean over the covariate-shift sets of severity s). Every row also carries the
-ID-test quality ``id_accuracy`` (argmax of the averaged logits for the ensemble) and
-``id_nll``, ``id_brier``, ``id_ece`` (15 bins; the ensemble's predictive distribution is the
-mean of the members' softmax). Leave-out members (ELOC; ``Views.classes`` set) are judged on the test
-samples of their kept classes, and their ensemble's distribution spreads each member's softmax over all
-classes (0 where it left classes out) before averaging; its accuracy is that mean's argmax. Records of
-covariate-shift sets (``kind: "shift"``) also carry ``ood_accuracy``, the accuracy on
-the corrupted images. Metric values are fractions.
+The input is a :class:`MemberSet` (each member's views of the ID train split, the ID test split and
+every OOD set). ID quality (accuracy, NLL, Brier, ECE of each member and of the ensemble, and the
+accuracy on covariate-shift sets) does not depend on the detector: :func:`id_quality` computes it once
+per mode set and every detector's records carry it.
+
+Records are flat dicts, one per (detector x strategy, row, OOD set), metric values as fractions.
+The row is said by explicit fields:
+
+- ``role``: ``"member"`` (one mode; ``member`` is its name, ``k`` = 1), ``"mean"`` / ``"std"`` (over
+  the members, sample std), ``"ensemble"`` (all N members combined with the strategy, ``k`` = N) or
+  ``"subsets"`` (the ensemble-size sweep: ``stat`` = ``"mean"`` or ``"std"`` over the k-of-N subsets,
+  ``n_subsets`` of them);
+- ``member``: the mode name, or the role's name (``mean``, ``std``, ``ensemble``, ``subsets``);
+- ``ood``: an OOD set, ``"average"`` (mean over the semantic sets, taken per row before mean/std; only
+  when there are several), ``"near"`` / ``"far"`` (when the benchmark names both), ``"C-<s>"`` (mean over
+  the covariate-shift sets of severity s); ``kind`` says which (near, far, semantic, shift, average,
+  shift-average).
+
+Every row also carries ``id_accuracy`` (argmax of the averaged logits for an ensemble), ``id_nll``,
+``id_brier``, ``id_ece`` (15 bins; an ensemble's predictive distribution is the mean of its members'
+softmax). Leave-out members (ELOC; ``Views.classes`` set) are judged on the test samples of their kept
+classes, and their ensemble's distribution spreads each member's softmax over all classes (0 where it
+left classes out) before averaging; its accuracy is that mean's argmax. Rows of covariate-shift sets
+also carry ``ood_accuracy``, the accuracy on the corrupted images.
 """
 
 from __future__ import annotations
@@ -21,17 +31,58 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 from oodens import calibration as cal
-from oodens.detectors import get_detector
-from oodens.metrics import METRICS, accuracy, ood_metrics
+from oodens.detectors import Detector
+from oodens.metrics import accuracy, ood_metrics
 from oodens.strategies import ensemble_scores, resolve_strategy
 from oodens.views import Views
 
 AVERAGE = "average"
 ID_KEY = "__id__"
+ROLES = ("member", "mean", "std", "ensemble", "subsets")
+
+
+@dataclass
+class MemberSet:
+    """The views one evaluation reads, member by member (lists in member order).
+
+    ``train`` may hold ``None`` when no detector fits; ``kinds`` maps each OOD set to near, far,
+    semantic or shift (semantic when not given)."""
+
+    names: list[str]
+    train: list[Views | None]
+    test: list[Views]
+    oods: dict[str, list[Views]]
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.kinds = {o: self.kinds.get(o, "semantic") for o in self.oods}
+
+    @property
+    def leave_out(self) -> bool:
+        return any(v.classes is not None for v in self.test)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.test[0].labels)
+
+    def subset(self, idx) -> "MemberSet":
+        return MemberSet([self.names[i] for i in idx], [self.train[i] for i in idx], [self.test[i] for i in idx],
+                         {o: [v[i] for i in idx] for o, v in self.oods.items()}, self.kinds)
+
+
+@dataclass
+class Sweep:
+    """The ensemble-size sweep: for each k in ``sizes``, every k-of-N subset (or a seeded sample of
+    ``max_subsets`` when there are more)."""
+
+    sizes: list[int] = field(default_factory=list)
+    max_subsets: int = 100
+    seed: int = 0
 
 
 @dataclass
@@ -81,6 +132,7 @@ def _row_kind(ood: str, kinds: dict[str, str]) -> str:
 
 def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str,
              accuracies: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """OOD set (and average row) -> metric -> value, for one member's or one ensemble's scores."""
     out = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in kinds}
     for o, acc in (accuracies or {}).items():
         out[o]["ood_accuracy"] = acc
@@ -90,11 +142,11 @@ def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str
     return out
 
 
-# ID quality of members and ensembles. A leave-out member (``Views.classes`` set: the dataset class of
-# each of its outputs) is judged on the test samples of its kept classes, its outputs mapped back to
-# the dataset's classes. Leave-out members cannot average logits (their columns are different
-# classes), so their ensemble predicts with the mean of the members' softmax spread over all classes
-# (0 for the classes a member left out; every class is kept by K - 1 of the K members).
+# --------------------------------------------------------------------------- ID quality (once per mode set)
+# A leave-out member (``Views.classes`` set: the dataset class of each of its outputs) is judged on the
+# test samples of its kept classes, its outputs mapped back to the dataset's classes. Leave-out members
+# cannot average logits (their columns are different classes), so their ensemble predicts with the mean
+# of the members' softmax spread over all classes (0 for the classes a member left out).
 
 
 def _kept(v: Views, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,102 +194,121 @@ def ensemble_accuracy(views: list[Views], labels: np.ndarray) -> float:
     return accuracy(ensemble_probs(views, labels), labels)
 
 
-def evaluate_detector(
-    name: str,
-    params: dict,
-    strategy: str | None,
-    members: list[str],
-    train: list[Views],
-    id_test: list[Views],
-    oods: dict[str, list[Views]],
-    positive: str = "id",
-    ensemble_sizes: list[int] = (),
-    max_subsets: int = 100,
-    seed: int = 0,
-    kinds: dict[str, str] | None = None,
-) -> DetectorRun:
-    """Score one detector for every member and for the ensemble; compute every metric.
+def _prefixed(q: dict[str, float]) -> dict[str, float]:
+    return {"id_accuracy": q["accuracy"], **{f"id_{k}": v for k, v in q.items() if k != "accuracy"}}
 
-    ``ensemble_sizes`` adds, for each k, mean and std of the metrics over k-of-N subsets
-    of the members (all of them, or a seeded sample of ``max_subsets``).
-    """
-    cls = get_detector(name)
-    strategy = resolve_strategy(cls, strategy, leave_out=any(v.classes is not None for v in id_test))
-    kinds = {o: (kinds or {}).get(o, "semantic") for o in oods}
 
-    def make():
-        return cls(**params)
+class Quality:
+    """ID quality of a mode set, computed once and shared by every detector's records: ``rows[name]``
+    (each member and ``"ensemble"``) = id_accuracy, id_nll, id_brier, id_ece; ``shift[name][set]`` =
+    accuracy on each covariate-shift set; :meth:`subset` = (ID accuracy, shift accuracies) of a subset's
+    ensemble (memoised, for the ensemble-size sweep)."""
 
+    def __init__(self, sets: MemberSet):
+        labels = sets.labels
+        self._sets = sets
+        self.rows = {m: _prefixed(member_quality(v, labels)) for m, v in zip(sets.names, sets.test)}
+        self.rows["ensemble"] = {**_prefixed(cal.quality(ensemble_probs(sets.test, labels), labels)),
+                                 "id_accuracy": ensemble_accuracy(sets.test, labels)}
+        self._shift_sets = [o for o, k in sets.kinds.items() if k == "shift"]
+        self.shift = {m: {o: member_accuracy(sets.oods[o][i], labels) for o in self._shift_sets}
+                      for i, m in enumerate(sets.names)}
+        self.shift["ensemble"] = {o: ensemble_accuracy(sets.oods[o], labels) for o in self._shift_sets}
+        self.subset = lru_cache(maxsize=None)(self._subset)
+
+    def _subset(self, idx: tuple[int, ...]) -> tuple[float, dict[str, float]]:
+        labels, s = self._sets.labels, self._sets
+        return (ensemble_accuracy([s.test[i] for i in idx], labels),
+                {o: ensemble_accuracy([s.oods[o][i] for i in idx], labels) for o in self._shift_sets})
+
+
+def id_quality(sets: MemberSet) -> Quality:
+    return Quality(sets)
+
+
+# --------------------------------------------------------------------------- one detector
+
+
+def _fresh(detector: Detector) -> Detector:
+    """An unfitted copy with the same hyperparameters."""
+    return type(detector)(**detector.settings())
+
+
+def score_members(detector: Detector, sets: MemberSet) -> tuple[list[Detector], dict[str, dict[str, np.ndarray]]]:
+    """Each member's own fitted detector, and its scores on the ID test split and every OOD set (none for
+    ensemble-only detectors)."""
     fitted = []
-    for i in range(len(members)):
-        det = make()
-        if det.needs_fit and not cls.ensemble_only:
-            det.fit(train[i])
+    for i in range(len(sets.names)):
+        det = _fresh(detector)
+        if det.needs_fit and not det.ensemble_only:
+            det.fit(sets.train[i])
         fitted.append(det)
-    evals = {ID_KEY: id_test, **oods}
-    per_member: dict[str, dict[str, np.ndarray]] = {}
-    if not cls.ensemble_only:
-        for i, m in enumerate(members):
-            per_member[m] = {k: fitted[i].score(v[i]) for k, v in evals.items()}
-    ens = ensemble_scores(strategy, make, fitted, train, evals)
+    if detector.ensemble_only:
+        return fitted, {}
+    evals = {ID_KEY: sets.test, **sets.oods}
+    return fitted, {m: {k: fitted[i].score(v[i]) for k, v in evals.items()} for i, m in enumerate(sets.names)}
 
-    def accuracies(views: list[Views], idx: list[int]) -> tuple[dict[int, float], float]:
-        labels = np.asarray(views[0].labels)
-        each = {i: member_accuracy(views[i], labels) for i in idx}
-        return each, ensemble_accuracy([views[i] for i in idx], labels)
 
-    everyone = list(range(len(members)))
-    labels = np.asarray(id_test[0].labels)
-    idq = {m: {f"id_{k}": v for k, v in member_quality(id_test[i], labels).items() if k != "accuracy"}
-           for i, m in enumerate(members)}
-    idq["ensemble"] = {f"id_{k}": v for k, v in cal.quality(ensemble_probs(id_test, labels), labels).items()
-                       if k != "accuracy"}
-    each, ens_acc = accuracies(id_test, everyone)
-    acc = {**{members[i]: a for i, a in each.items()}, "ensemble": ens_acc}
-    for m in idq:
-        idq[m] = {"id_accuracy": acc[m], **idq[m]}
-    shift_acc = {o: accuracies(oods[o], everyone) for o, k in kinds.items() if k == "shift"}
+def score_ensemble(detector: Detector, strategy: str, fitted: list[Detector], sets: MemberSet) -> dict[str, np.ndarray]:
+    """The ensemble's scores on the ID test split and every OOD set under ``strategy``."""
+    return ensemble_scores(strategy, lambda: _fresh(detector), fitted, sets.train, {ID_KEY: sets.test, **sets.oods})
 
-    metrics = {m: _metrics(s, kinds, positive, {o: a[0][i] for o, a in shift_acc.items()})
-               for i, (m, s) in enumerate(per_member.items())}
-    metrics["ensemble"] = _metrics(ens, kinds, positive, {o: a[1] for o, a in shift_acc.items()})
-    rows_oods = list(metrics["ensemble"])
 
-    base = {"detector": name, "strategy": strategy, "params": dict(make().settings()), "positive": positive,
-            "n_members": len(members)}
+def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None = None, positive: str = "id",
+                      sweep: Sweep | None = None, quality: Quality | None = None) -> DetectorRun:
+    """Score one detector (an instance: its hyperparameters) for every member, for the ensemble under
+    ``strategy`` (the detector's default when None) and for every subset of the sweep; compute every metric."""
+    strategy = resolve_strategy(type(detector), strategy, leave_out=sets.leave_out)
+    quality = quality or id_quality(sets)
+    kinds = sets.kinds
+    fitted, per_member = score_members(detector, sets)
+    ens = score_ensemble(detector, strategy, fitted, sets)
+    metrics = {m: _metrics(s, kinds, positive, quality.shift[m]) for m, s in per_member.items()}
+    metrics["ensemble"] = _metrics(ens, kinds, positive, quality.shift["ensemble"])
+
+    base = {"detector": detector.name, "strategy": strategy, "params": dict(detector.settings()),
+            "positive": positive, "n_members": len(sets.names)}
     records = []
-    for ood in rows_oods:
-        base["kind"] = _row_kind(ood, kinds)
+    for ood in metrics["ensemble"]:
+        row = {**base, "ood": ood, "kind": _row_kind(ood, kinds)}
         if per_member:
-            for m in members:
-                records.append({**base, "member": m, "ood": ood, **metrics[m][ood], **idq[m]})
-            stacked = {k: [{**metrics[m][ood], **idq[m]}[k] for m in members]
-                       for k in {**metrics[members[0]][ood], **idq[members[0]]}}
-            records.append({**base, "member": "mean", "ood": ood, **{k: float(np.mean(v)) for k, v in stacked.items()}})
-            records.append({**base, "member": "std", "ood": ood, **{k: _std(v) for k, v in stacked.items()}})
-        records.append({**base, "member": "ensemble", "ood": ood, **metrics["ensemble"][ood], **idq["ensemble"]})
-
-    for k in ensemble_sizes:
-        if cls.ensemble_only and k < 2:
-            continue
-        chosen = subsets(len(members), k, max_subsets, seed)
-        per_subset = []
-        sub_acc = []
-        for sub in chosen:
-            s = ensemble_scores(strategy, make, [fitted[i] for i in sub], [train[i] for i in sub],
-                                {key: [v[i] for i in sub] for key, v in evals.items()})
-            per_subset.append(_metrics(s, kinds, positive,
-                                       {o: accuracies(oods[o], list(sub))[1] for o in shift_acc}))
-            sub_acc.append(accuracies(id_test, list(sub))[1])
-        for ood in rows_oods:
-            base["kind"] = _row_kind(ood, kinds)
-            vals = {key: [ms[ood][key] for ms in per_subset] for key in per_subset[0][ood]}
-            extra = {"n_subsets": len(chosen), "ensemble_size": k}
-            records.append({**base, "member": f"subsets-{k}-mean", "ood": ood, **extra,
-                            **{key: float(np.mean(v)) for key, v in vals.items()}, "id_accuracy": float(np.mean(sub_acc))})
-            records.append({**base, "member": f"subsets-{k}-std", "ood": ood, **extra,
-                            **{key: _std(v) for key, v in vals.items()}, "id_accuracy": _std(sub_acc)})
+            values = {m: {**metrics[m][ood], **quality.rows[m]} for m in sets.names}
+            for m in sets.names:
+                records.append({**row, "member": m, "role": "member", "k": 1, **values[m]})
+            keys = list(values[sets.names[0]])
+            records.append({**row, "member": "mean", "role": "mean",
+                            **{k: float(np.mean([values[m][k] for m in sets.names])) for k in keys}})
+            records.append({**row, "member": "std", "role": "std",
+                            **{k: _std([values[m][k] for m in sets.names]) for k in keys}})
+        records.append({**row, "member": "ensemble", "role": "ensemble", "k": len(sets.names),
+                        **metrics["ensemble"][ood], **quality.rows["ensemble"]})
+    records += _sweep_records(detector, strategy, fitted, sets, positive, sweep, quality, base)
 
     scores = {m: {("id" if k == ID_KEY else k): v for k, v in s.items()} for m, s in per_member.items()}
     scores["ensemble"] = {("id" if k == ID_KEY else k): v for k, v in ens.items()}
-    return DetectorRun(name, strategy, base["params"], records, scores)
+    return DetectorRun(detector.name, strategy, base["params"], records, scores)
+
+
+def _sweep_records(detector: Detector, strategy: str, fitted: list[Detector], sets: MemberSet, positive: str,
+                   sweep: Sweep | None, quality: Quality, base: dict) -> list[dict]:
+    """Mean and std over the k-of-N subsets of each metric, for each k of the sweep."""
+    records = []
+    for k in (sweep.sizes if sweep else []):
+        if detector.ensemble_only and k < 2:
+            continue
+        chosen = subsets(len(sets.names), k, sweep.max_subsets, sweep.seed)
+        per_subset, accs = [], []
+        for sub in chosen:
+            id_acc, shift_acc = quality.subset(sub)
+            s = score_ensemble(detector, strategy, [fitted[i] for i in sub], sets.subset(sub))
+            per_subset.append(_metrics(s, sets.kinds, positive, shift_acc))
+            accs.append(id_acc)
+        for ood in per_subset[0]:
+            vals = {key: [ms[ood][key] for ms in per_subset] for key in per_subset[0][ood]}
+            row = {**base, "member": "subsets", "role": "subsets", "k": k, "n_subsets": len(chosen), "ood": ood,
+                   "kind": _row_kind(ood, sets.kinds)}
+            records.append({**row, "stat": "mean", **{key: float(np.mean(v)) for key, v in vals.items()},
+                            "id_accuracy": float(np.mean(accs))})
+            records.append({**row, "stat": "std", **{key: _std(v) for key, v in vals.items()},
+                            "id_accuracy": _std(accs)})
+    return records

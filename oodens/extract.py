@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodens import __version__
-from oodens.data import DataSource, get_preset
+from oodens.data.presets import get_preset
+from oodens.data.sources import DataSource, IndexSource
+from oodens.device import resolve_device
+from oodens.distributed import DistContext, barrier
 from oodens.errors import OodensError
 from oodens.modes import Mode
 from oodens.paths import safe_name
 from oodens.progress import progress_bar
+from oodens.version import __version__
 from oodens.viewkinds import VIEW_KINDS
 from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec, ViewWriter
 
@@ -33,17 +36,15 @@ HEAD_SOURCE = {"name": "head", "split": "model"}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@contextlib.contextmanager
+def _writing(writer: ViewWriter):
+    """The writer, committed when the block ends; aborted (nothing published) when it raises."""
     try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise OodensError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OodensError(f"--device {name}: CUDA is not available on this machine (expected auto or cpu)")
-    return dev
+        yield writer
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _autocast(device: torch.device, precision: str):
@@ -127,8 +128,6 @@ def extract(
     if precision not in PRECISIONS:
         raise OodensError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     specs = list(dict.fromkeys([BASE, *(specs or [])]))
-    from oodens.distributed import DistContext, barrier
-
     ctx = DistContext.from_env() if torch.distributed.is_available() and torch.distributed.is_initialized() \
         else DistContext()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -179,13 +178,8 @@ def extract(
                 if ctx.enabled:
                     _sharded(compute, src, path, meta, cache, batch_size, ctx, lambda: bar.advance(task))
                 else:
-                    writer = cache.writer(path, meta)
-                    try:
+                    with _writing(cache.writer(path, meta)) as writer:
                         compute(source=src, writer=writer, on_batch=lambda: bar.advance(task))
-                        writer.commit()
-                    except BaseException:
-                        writer.abort()
-                        raise
                 result.computed += 1
             del model
     barrier(ctx)
@@ -208,40 +202,27 @@ def extract(
 def _sharded(compute, src: DataSource, path: Path, meta: dict, cache: ViewCache, batch_size: int, ctx, on_batch):
     """Under torchrun: each rank computes a contiguous run of whole batches (so every batch is the
     one a single process would run) into a shard folder; rank 0 joins the shards into the view."""
-    from oodens.data.sources import IndexSource
-    from oodens.distributed import barrier
-
     n = len(src)
     n_batches = -(-n // batch_size)
     lo, hi = (n_batches * ctx.rank // ctx.world_size, n_batches * (ctx.rank + 1) // ctx.world_size)
     shards = path.parent / f".shards-{path.name}"
     mine = shards / f"rank-{ctx.rank:05d}"
     if not ViewCache.is_complete(mine):
-        writer = ViewWriter(mine, {"rank": ctx.rank})
-        try:
+        with _writing(ViewWriter(mine, {"rank": ctx.rank})) as writer:
             compute(source=IndexSource(src, np.arange(lo * batch_size, min(hi * batch_size, n))), writer=writer,
                     on_batch=on_batch)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
     barrier(ctx)
     if ctx.is_main:
         parts = [ViewCache.read(shards / f"rank-{r:05d}") for r in range(ctx.world_size)]
         # a rank without a batch (more ranks than batches) wrote empty or no arrays
         parts = [p for p in parts if p and min(len(a) for a in p.values()) > 0]
-        writer = cache.writer(path, meta)
-        try:
+        with _writing(cache.writer(path, meta)) as writer:
             for name in parts[0]:
                 full = writer.allocate(name, (n, *parts[0][name].shape[1:]), parts[0][name].dtype)
                 start = 0
                 for p in parts:
                     full[start : start + len(p[name])] = p[name]
                     start += len(p[name])
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
         shutil.rmtree(shards, ignore_errors=True)
     barrier(ctx)
 
@@ -269,14 +250,9 @@ class _compiled(torch.nn.Module):
 def _write_head(model, path: Path, meta: dict, cache: ViewCache) -> None:
     w = model.classifier.weight.detach().float().cpu().numpy()
     b = model.classifier.bias.detach().float().cpu().numpy()
-    writer = cache.writer(path, meta)
-    try:
+    with _writing(cache.writer(path, meta)) as writer:
         writer.allocate("weight", w.shape, np.float32)[:] = w
         writer.allocate("bias", b.shape, np.float32)[:] = b
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def export_views(extraction: Extraction, out: Path) -> None:

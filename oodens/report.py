@@ -26,84 +26,26 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-import typer
 
 from oodens import calibration as cal
 from oodens import stats
 from oodens.errors import OodensError
-from oodens.metrics import METRICS
-from oodens.output import CONVENTION
-from oodens.paths import default_results_dir, safe_name
+from oodens.metrics import METRICS, OOD_METRICS, QUALITY_METRICS
+from oodens.paths import safe_name
+from oodens.results import FAMILY, VALUES, tidy
 
-QUALITY = ("id_accuracy", "id_nll", "id_brier", "id_ece")
-VALUES = METRICS + QUALITY + ("ood_accuracy",)
+QUALITY = QUALITY_METRICS
 DEFAULT_METRICS = ("fpr95", "auroc")
-LABELS = {"fpr95": "FPR95", "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
-          "detection_error": "Det. error", "id_accuracy": "Accuracy", "id_nll": "NLL", "id_brier": "Brier",
-          "id_ece": "ECE", "ood_accuracy": "Acc. on set"}
-NOT_PERCENT = {"id_nll", "id_brier"}
-FAMILY = ["benchmark", "modes", "positive"]  # one set of tables per mode set, benchmark and convention
-KEYS = ["benchmark", "modes", "arch", "positive", "detector", "strategy", "params", "fit_fraction", "setting",
-        "n_members", "member", "role", "ood", "kind", "n_subsets", "ensemble_size", "leave_out"]
+LABELS = {name: m.label for name, m in METRICS.items()}
+NOT_PERCENT = {name for name, m in METRICS.items() if not m.percent}
 TABLES = ("ood", "stats", "id", "shift", "size")
 GROUP_BY = ("metric", "detector")
-
-
-# --------------------------------------------------------------------------- records -> frame
-
-def member_role(member: str) -> str:
-    """mode, mean, std, ensemble, subsets-mean or subsets-std."""
-    if member in ("mean", "std", "ensemble"):
-        return member
-    if member.startswith("subsets-"):
-        return "subsets-" + member.rsplit("-", 1)[1]
-    return "mode"
-
-
-def setting_name(detector: str, strategy: str, params: dict, fit_fraction: float = 1.0) -> str:
-    """``knn · concat (k=50)``: what tells two evaluations of a mode set apart."""
-    extra = [f"{k}={v}" for k, v in sorted(params.items())] + ([f"fit={fit_fraction:g}"] if fit_fraction != 1 else [])
-    return f"{detector} · {strategy}" + (f" ({', '.join(extra)})" if extra else "")
-
-
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per record: the KEYS columns and every metric (fractions; NaN where a record has none).
-    Duplicate rows (the same setting stored twice) keep the last one."""
-    rows = []
-    for r in records:
-        params = r.get("params") or {}
-        fit = float(r.get("fit_fraction", 1.0))
-        row = {"benchmark": r.get("benchmark", ""), "modes": r.get("modes", ""), "arch": r.get("arch", ""),
-               "positive": r.get("positive", "id"), "detector": r["detector"], "strategy": r["strategy"],
-               "params": json.dumps(params, sort_keys=True), "fit_fraction": fit,
-               "setting": setting_name(r["detector"], r["strategy"], params, fit), "n_members": int(r["n_members"]),
-               "member": r["member"], "role": member_role(r["member"]), "ood": r["ood"], "kind": r["kind"],
-               "n_subsets": float(r.get("n_subsets", math.nan)),
-               "ensemble_size": float(r.get("ensemble_size", math.nan)),
-               "leave_out": bool(r.get("leave_out", False))}
-        row.update({k: float(r[k]) if r.get(k) is not None else math.nan for k in VALUES})
-        rows.append(row)
-    frame = pd.DataFrame(rows, columns=KEYS + list(VALUES))
-    return frame.drop_duplicates(FAMILY + ["setting", "member", "ood"], keep="last").reset_index(drop=True)
-
-
-def load_frame(results_dir: Path) -> pd.DataFrame:
-    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins)."""
-    files = sorted((Path(results_dir) / "runs").glob("*.json"))
-    if not files:
-        raise OodensError(f"no results in {results_dir}: run `oodens eval` first (or point --results at the folder "
-                          "it wrote)")
-    runs = []
-    for f in files:
-        try:
-            run = json.loads(f.read_text())
-            runs.append((run.get("created", ""), records_frame([{**run["settings"], **r} for r in run["records"]])))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OodensError(f"cannot read results file {f}: {type(e).__name__}: {e} (expected a run written by "
-                              "`oodens eval`)") from e
-    runs.sort(key=lambda r: r[0])
-    frame = pd.concat([r[1] for r in runs], ignore_index=True)
-    return frame.drop_duplicates(FAMILY + ["setting", "member", "ood"], keep="last").reset_index(drop=True)
+CONVENTION = {
+    "id": "ID positive: FPR95 = % of OOD accepted when 95% of ID is kept",
+    "ood": "OOD positive (OpenOOD): FPR95 = % of ID rejected when 95% of OOD is caught",
+}
+#: the columns of eval's per-detector tables
+EVAL_COLUMNS = ("fpr95", "auroc", "aupr_in", "aupr_out", "id_accuracy")
 
 
 def _names(spec: Optional[str]) -> list[str]:
@@ -113,9 +55,9 @@ def _names(spec: Optional[str]) -> list[str]:
 def parse_metrics(spec: Optional[str]) -> list[str]:
     """``--metric``: a comma list of OOD metrics."""
     names = _names(spec)
-    bad = [m for m in names if m not in METRICS]
+    bad = [m for m in names if m not in OOD_METRICS]
     if bad:
-        raise OodensError(f"unknown metric {bad[0]!r}: expected one of {', '.join(METRICS)} (comma list)")
+        raise OodensError(f"unknown metric {bad[0]!r}: expected one of {', '.join(OOD_METRICS)} (comma list)")
     return names
 
 
@@ -144,12 +86,6 @@ def filter_frame(frame: pd.DataFrame, detector: Optional[str] = None, strategy: 
     return frame.reset_index(drop=True)
 
 
-def tidy(frame: pd.DataFrame, metrics=VALUES) -> pd.DataFrame:
-    """Long form: one row per record and metric (``metric``, ``value``), records without the metric dropped."""
-    long = frame.melt(id_vars=KEYS, value_vars=list(metrics), var_name="metric", value_name="value")
-    return long.dropna(subset=["value"]).reset_index(drop=True)
-
-
 # --------------------------------------------------------------------------- formatting
 
 def fmt(x: float, metric: str) -> str:
@@ -174,7 +110,7 @@ def fmt_p(p: float) -> str:
 
 
 def arrow(metric: str) -> str:
-    return "↓" if stats.lower_is_better(metric) else "↑"
+    return "↑" if METRICS[metric].higher_is_better else "↓"
 
 
 # --------------------------------------------------------------------------- tables
@@ -189,6 +125,14 @@ class Table:
     caption: str
     frame: pd.DataFrame
     labels: int = 1
+    #: rule between blocks of rows sharing the first label (when ``labels`` > 1)
+    sections: bool = True
+
+    def __str__(self) -> str:
+        return render_markdown(self)
+
+    def _repr_markdown_(self) -> str:  # notebooks
+        return render_markdown(self)
 
 
 def families(frame: pd.DataFrame, keys=FAMILY):
@@ -230,7 +174,7 @@ def ood_columns(sub: pd.DataFrame, wanted: Optional[list[str]] = None) -> list[s
 
 def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]]) -> list[list[str]]:
     """[label, *cells] for each mode, mean ± std over modes and the ensemble; ``cells`` = (metric, ood) pairs."""
-    modes = block[block["role"] == "mode"]
+    modes = block[block["role"] == "member"]
     rows = []
     mats = {m: modes.pivot_table(index="member", columns="ood", values=m, aggfunc="first", dropna=False)
             for m in dict.fromkeys(m for m, _ in cells)}
@@ -319,7 +263,7 @@ def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[li
                      "yes" if r.ensemble_better else "no"] for r in st.itertuples()]
             head = ["detector", "OOD set", "modes", f"{level} CI", "std", "min–max", "ensemble", "Δ", "p",
                     "p Holm", "better"]
-            side = "lower" if stats.lower_is_better(m) else "higher"
+            side = "higher" if METRICS[m].higher_is_better else "lower"
             caption = (f"{CONVENTION[info['positive']]}. Values in %. modes: mean over modes with its {level} "
                        f"t-interval, sample std and range; Δ = ensemble − modes' mean; p: one-sided one-sample "
                        f"t-test of the modes' values against the ensemble's (H1: ensemble better, {side} is "
@@ -333,7 +277,7 @@ def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[li
 def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[list[str]]:
     """Rows (modes, mean ± std, ensemble) of per-member quantities that do not depend on the detector:
     ``columns`` = (metric, ood) pairs; the first record of each member and OOD set is used."""
-    sub = sub[sub["role"].isin(["mode", "ensemble"])]
+    sub = sub[sub["role"].isin(["member", "ensemble"])]
     by_member = sub.drop_duplicates(["role", "member", "ood"])
     return _member_rows(by_member.assign(setting="", n_members=by_member["n_members"].max()), columns)
 
@@ -385,11 +329,11 @@ def size_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
     """Metric against ensemble size k: mean ± std over the k-of-N subsets (``--ensemble-size`` runs)."""
     out = []
     for title, info, sub in families(frame):
-        subsets = sub[sub["role"].isin(["subsets-mean", "subsets-std"])]
+        subsets = sub[sub["role"] == "subsets"]
         if subsets.empty:
             continue
         cols = ood_columns(sub, oods)
-        ks = sorted(int(k) for k in subsets["ensemble_size"].dropna().unique())
+        ks = sorted(int(k) for k in subsets["k"].dropna().unique())
         labels = setting_labels(sub)
         for m in metrics:
             rows = []
@@ -398,8 +342,8 @@ def size_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
                 for o in cols:
                     cells = []
                     for k in ks:
-                        mean = block[(block["member"] == f"subsets-{k}-mean") & (block["ood"] == o)][m]
-                        std = block[(block["member"] == f"subsets-{k}-std") & (block["ood"] == o)][m]
+                        at = (block["k"] == k) & (block["ood"] == o)
+                        mean, std = block[at & (block["stat"] == "mean")][m], block[at & (block["stat"] == "std")][m]
                         cells.append("—" if mean.empty else f"{fmt(mean.iloc[0], m)} ± {fmt(std.iloc[0], m)}")
                     rows.append([labels[s], o, *cells])
             caption = (f"{CONVENTION[info['positive']]}. Values in %: mean ± std over the k-of-N subsets of the "
@@ -416,6 +360,71 @@ def bootstrap_table(boot: pd.DataFrame, n: int, alpha: float, seed: int) -> Tabl
                "values in %.")
     return Table("bootstrap", f"Bootstrap {100 * (1 - alpha):g}% CI from saved scores", caption,
                  pd.DataFrame(rows, columns=["detector", "member", "OOD set", "metric", "value", "CI"]), 2)
+
+
+# --------------------------------------------------------------------------- eval's tables
+
+def _pct2(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _eval_cells(row: pd.Series, columns, std: Optional[pd.Series] = None) -> list[str]:
+    def one(k):
+        if not np.isfinite(row[k]):
+            return ""
+        return f"{_pct2(row[k])} ± {_pct2(std[k])}" if std is not None else _pct2(row[k])
+    return [one(k) for k in columns]
+
+
+def detector_tables(frame: pd.DataFrame) -> list[Table]:
+    """``oodens eval``'s tables, one per detector x strategy: per OOD set a row per mode, mean ± std,
+    the ensemble and the ensemble-size sweep (k=..), with every OOD metric and ID accuracy as columns."""
+    out = []
+    for _, block in frame.groupby("setting", sort=False):
+        first = block.iloc[0]
+        params = ", ".join(f"{k}={v}" for k, v in json.loads(first["params"]).items())
+        columns = list(EVAL_COLUMNS) + (["ood_accuracy"] if block["ood_accuracy"].notna().any() else [])
+        heads = [f"{LABELS[c] if c != 'id_accuracy' else 'ID acc'} {arrow(c)}" for c in columns]
+        heads = [h.replace("Acc. on set", "acc on set") for h in heads]
+        rows = []
+        for ood, at in block.groupby("ood", sort=False):
+            std = at[at["role"] == "std"]
+            for _, r in at.iterrows():
+                if r["role"] == "member":
+                    rows.append([ood, r["member"], *_eval_cells(r, columns)])
+                elif r["role"] == "mean":
+                    rows.append([ood, "mean ± std", *_eval_cells(r, columns, std.iloc[0])])
+                elif r["role"] == "ensemble":
+                    rows.append([ood, f"ensemble ({int(r['n_members'])})", *_eval_cells(r, columns)])
+                elif r["role"] == "subsets" and r["stat"] == "mean":
+                    sd = at[(at["role"] == "subsets") & (at["k"] == r["k"]) & (at["stat"] == "std")].iloc[0]
+                    rows.append([ood, f"k={int(r['k'])} ({int(r['n_subsets'])} subsets)", *_eval_cells(r, columns, sd)])
+        title = f"{first['detector']}{f' ({params})' if params else ''} · strategy {first['strategy']}"
+        out.append(Table("eval", title, CONVENTION[first["positive"]] + "; values in %, std over modes",
+                         pd.DataFrame(rows, columns=["OOD set", "member", *heads]), 2))
+    return out
+
+
+def summary_table(frame: pd.DataFrame) -> Table:
+    """One row per detector x strategy on the OOD average (or the last OOD set when there is one):
+    the modes' mean ± std next to the ensemble, for FPR95, AUROC and AUPR-Out (``oodens eval --summary``)."""
+    first = frame.iloc[0]
+    oods = list(dict.fromkeys(frame["ood"]))
+    target = "average" if "average" in oods else oods[-1]
+    sets = list(dict.fromkeys(frame.loc[~frame["kind"].isin(["average", "shift-average"]), "ood"]))
+    rows = []
+    for _, block in frame[frame["ood"] == target].groupby("setting", sort=False):
+        by_role = {role: b.iloc[0] for role, b in block.groupby("role", sort=False)}
+        cells = []
+        for k in ("fpr95", "auroc", "aupr_out"):
+            mean = f"{_pct2(by_role['mean'][k])} ± {_pct2(by_role['std'][k])}" if "mean" in by_role else "—"
+            cells += [mean, _pct2(by_role["ensemble"][k])]
+        rows.append([block["detector"].iloc[0], block["strategy"].iloc[0], *cells])
+    title = f"summary · {target if target != 'average' else 'average over ' + ', '.join(sets)}"
+    heads = ["detector", "strategy", "FPR95 modes", "FPR95 ens.", "AUROC modes", "AUROC ens.", "AUPR-Out modes",
+             "AUPR-Out ens."]
+    return Table("summary", title, CONVENTION[first["positive"]] + "; values in %, mean ± std over modes",
+                 pd.DataFrame(rows, columns=heads), 2, sections=False)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -441,8 +450,9 @@ def render_rich(table: Table):
     cells, ends = _blank_repeats(table)
     for row, end in zip(cells, ends):
         label = row[table.labels - 1]
-        style = "bold" if label.startswith("ensemble") else "italic" if label.startswith("mean") else None
-        out.add_row(*row, style=style, end_section=end and table.labels > 1)
+        style = ("bold" if label.startswith("ensemble") else "italic" if label.startswith("mean")
+                 else "dim" if label.startswith("k=") else None)
+        out.add_row(*row, style=style, end_section=end and table.labels > 1 and table.sections)
     return out
 
 
@@ -601,21 +611,21 @@ def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str
                 data[o] = {}
                 for s in settings:
                     block = sub[(sub["setting"] == s) & (sub["ood"] == o)]
-                    values = 100 * block.loc[block["role"] == "mode", m].dropna().to_numpy()
+                    values = 100 * block.loc[block["role"] == "member", m].dropna().to_numpy()
                     ens = block.loc[block["role"] == "ensemble", m]
                     data[o][labels[s]] = (values, 100 * float(ens.iloc[0]) if len(ens) else None)
             if cols:
                 written += plots.strip_plot(data, f"{LABELS[m]} {arrow(m)} ({unit})", f"{LABELS[m]} · {title}",
                                             out / f"{slug}-strip-{m}")
-            subsets = sub[sub["role"].isin(["subsets-mean", "subsets-std"])]
+            subsets = sub[sub["role"] == "subsets"]
             if not subsets.empty and cols:
                 curves = {}
                 for o in cols:
                     curves[o] = {}
                     for s in _setting_order(subsets):
-                        block = subsets[(subsets["setting"] == s) & (subsets["ood"] == o)].sort_values("ensemble_size")
-                        mean, std = block[block["role"] == "subsets-mean"], block[block["role"] == "subsets-std"]
-                        curves[o][labels[s]] = (mean["ensemble_size"].astype(int).tolist(), 100 * mean[m].to_numpy(),
+                        block = subsets[(subsets["setting"] == s) & (subsets["ood"] == o)].sort_values("k")
+                        mean, std = block[block["stat"] == "mean"], block[block["stat"] == "std"]
+                        curves[o][labels[s]] = (mean["k"].astype(int).tolist(), 100 * mean[m].to_numpy(),
                                                 100 * std[m].to_numpy())
                 written += plots.ensemble_size_plot(curves, f"{LABELS[m]} {arrow(m)} ({unit})",
                                                     f"{LABELS[m]} vs ensemble size · {title}",
@@ -631,118 +641,3 @@ def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str
         written += plots.reliability_diagram(curves, eces, f"Reliability on the {bench} ID test set",
                                              out / f"reliability-{safe_name(bench)}")
     return written
-
-
-# --------------------------------------------------------------------------- the command
-
-def report_cmd(
-    results: Optional[Path] = typer.Option(None, "--results", envvar="OODENS_RESULTS", help="Results store folder. "
-                                           "Default: $XDG_DATA_HOME/oodens/results.", show_default=False),
-    detector: Optional[str] = typer.Option(None, "--detector", help="Only these detectors (comma list).",
-                                           show_default=False),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Only these ensemble strategies (comma list).",
-                                           show_default=False),
-    modes: Optional[str] = typer.Option(None, "--modes", help="Only mode sets whose path contains this text.",
-                                        show_default=False),
-    ood: Optional[str] = typer.Option(None, "--ood", help="These OOD sets as columns, in this order (comma list; "
-                                      "also average, near, far, C-1.., covariate-shift sets). Default: the semantic "
-                                      "sets and their averages.", show_default=False),
-    metric: Optional[str] = typer.Option(None, "--metric", help="Metrics (comma list of fpr95, auroc, aupr_in, "
-                                         "aupr_out, detection_error). Tables default to fpr95,auroc; CSV/JSON to "
-                                         "every metric.", show_default=False),
-    group_by: str = typer.Option("metric", "--group-by", help="OOD tables: one per metric (rows detector x member, "
-                                 "columns OOD sets) or one per detector (rows metric x OOD set, columns members)."),
-    tables: Optional[str] = typer.Option(None, "--tables", help=f"Which tables (comma list of {', '.join(TABLES)}). "
-                                         "Default: all that the results hold.", show_default=False),
-    csv: Optional[str] = typer.Option(None, "--csv", help="Write the records in long form (one row per record and "
-                                      "metric) as CSV to PATH, or '-' for stdout.", show_default=False),
-    as_json: bool = typer.Option(False, "--json", help="Print the records (long form), the ensemble-vs-modes "
-                                 "statistics and any bootstrap CIs as JSON."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print the tables as Markdown."),
-    latex: bool = typer.Option(False, "--latex", help="Print the tables as LaTeX (booktabs tabular)."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the Holm-corrected tests; "
-                                "intervals are (1 - alpha)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write figures (PNG and PDF) to DIR: strip plots, "
-                                        "ensemble-size curves, and with --scores/--views score histograms and the "
-                                        "reliability diagram.", show_default=False),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Saved scores (the DIR of eval --save-scores) for "
-                                          "score histograms (--plot) and --bootstrap.", show_default=False),
-    member: str = typer.Option("ensemble", "--member", help="Member whose saved scores are plotted/bootstrapped "
-                               "(a mode name or ensemble)."),
-    bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for CIs of the member's "
-                                  "metrics from --scores (0: none)."),
-    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    views: Optional[Path] = typer.Option(None, "--views", help="Exported views (the DIR of extract --export) for "
-                                         "the reliability diagram (--plot).", show_default=False),
-):
-    """Tables, statistics and plots from the results store: per-mode rows, mean ± std, ensemble; ensemble vs
-    modes tests; ID quality and calibration; accuracy under covariate shift; ensemble-size curves."""
-    from oodens.cli import stderr, stdout
-
-    chosen = parse_metrics(metric)
-    table_metrics = chosen or list(DEFAULT_METRICS)
-    if group_by not in GROUP_BY:
-        raise OodensError(f"--group-by {group_by!r}: expected one of {', '.join(GROUP_BY)}")
-    kinds = _names(tables) or list(TABLES)
-    bad = [t for t in kinds if t not in TABLES]
-    if bad:
-        raise OodensError(f"--tables {bad[0]!r}: expected a comma list of {', '.join(TABLES)}")
-    if not 0 < alpha < 1:
-        raise OodensError(f"--alpha {alpha}: expected a level in (0, 1)")
-    if bootstrap and scores is None:
-        raise OodensError("--bootstrap needs --scores DIR (the folder written by `oodens eval --save-scores DIR`)")
-    if views is not None and plot is None:
-        raise OodensError("--views is read for the reliability diagram: add --plot DIR")
-    if scores is not None and plot is None and not bootstrap:
-        raise OodensError("--scores is read for score histograms (--plot DIR) and --bootstrap N: add one of them")
-
-    results_dir = results or default_results_dir()
-    frame = filter_frame(load_frame(results_dir), detector, strategy, modes, ood, where=str(results_dir))
-    wanted_oods = _names(ood) or None
-    boot = None
-    saved = None
-    if scores is not None:
-        saved = load_scores(scores, frame, member, _names(detector) if detector and detector != "all" else None,
-                            wanted_oods)
-        if bootstrap:
-            boot = bootstrap_frame(saved, frame, table_metrics, bootstrap, member, alpha, seed)
-
-    built: list[Table] = []
-    if "ood" in kinds:
-        built += ood_tables(frame, table_metrics, wanted_oods, group_by)
-    if "stats" in kinds:
-        built += stats_tables(frame, table_metrics, wanted_oods, alpha)
-    if "id" in kinds:
-        built += quality_tables(frame)
-    if "shift" in kinds:
-        built += shift_tables(frame)
-    if "size" in kinds:
-        built += size_tables(frame, table_metrics, wanted_oods)
-    if boot is not None:
-        built.append(bootstrap_table(boot, bootstrap, alpha, seed))
-
-    machine = markdown or latex or as_json or csv == "-"
-    if markdown:
-        print("\n".join(render_markdown(t) for t in built))
-    if latex:
-        print("\n".join(render_latex(t) for t in built))
-    if as_json:
-        print(to_json(tidy(frame, chosen or VALUES), stats_frame(frame, table_metrics, wanted_oods, alpha), boot))
-    if csv is not None:
-        long = tidy(frame, chosen or VALUES)
-        if csv == "-":
-            sys.stdout.write(long.to_csv(index=False))
-        else:
-            Path(csv).parent.mkdir(parents=True, exist_ok=True)
-            long.to_csv(csv, index=False)
-            stderr.print(f"wrote {len(long)} rows to {csv}")
-    if not machine:
-        for t in built:
-            stdout.print(render_rich(t))
-        if not built:
-            stderr.print(f"no {', '.join(kinds)} table for these records (single modes have no statistics; shift "
-                         "and size tables need eval --corruptions / --ensemble-size)")
-    if plot is not None:
-        probs = view_probs(views, list(dict.fromkeys(frame["benchmark"]))) if views is not None else None
-        files = write_plots(plot, frame, table_metrics, wanted_oods, saved if plot else None, member, probs)
-        stderr.print(f"wrote {len(files)} plot files to {plot}")

@@ -8,8 +8,8 @@
 - :func:`bootstrap_ci`: a seeded percentile bootstrap CI over samples for one member's metric,
   from its per-sample scores (ID and OOD resampled separately).
 
-Values are fractions, as in the records. "Better" is lower for FPR95, detection error, NLL, Brier
-and ECE, higher for everything else.
+Values are fractions, as in the records. Which way is "better", and how a metric is computed from
+scores, come from the registry ``oodens.metrics.METRICS``.
 """
 
 from __future__ import annotations
@@ -19,16 +19,9 @@ import math
 import numpy as np
 import pandas as pd
 from scipy import stats
-from sklearn.metrics import average_precision_score
 from statsmodels.stats.multitest import multipletests
 
-from oodens.metrics import detection_error, fpr_at_95_tpr
-
-LOWER_IS_BETTER = frozenset({"fpr95", "detection_error", "id_nll", "id_brier", "id_ece"})
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER
+from oodens.metrics import METRICS, OOD_METRICS
 
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -56,7 +49,7 @@ def ensemble_test(values, ensemble: float, metric: str) -> tuple[float, float]:
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return math.nan, math.nan
-    alternative = "greater" if lower_is_better(metric) else "less"
+    alternative = "less" if METRICS[metric].higher_is_better else "greater"
     if np.all(x == x[0]):
         worse = x[0] > ensemble if alternative == "greater" else x[0] < ensemble
         t = math.copysign(math.inf, x[0] - ensemble) if x[0] != ensemble else math.nan
@@ -81,11 +74,11 @@ def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: flo
     against the modes, Holm-corrected over every row (detectors x OOD sets) of the result.
 
     ``frame`` is oodens.report's records frame: one row per record with columns ``setting`` (detector,
-    strategy, parameters), ``role`` (``"mode"`` and ``"ensemble"`` rows are used), ``ood`` and the metric.
+    strategy, parameters), ``role`` (``"member"`` and ``"ensemble"`` rows are used), ``ood`` and the metric.
     Settings with fewer than two modes (nothing to test) or without an ensemble row are left out.
     """
     rows = []
-    modes = frame[frame["role"] == "mode"]
+    modes = frame[frame["role"] == "member"]
     ensemble = frame[frame["role"] == "ensemble"]
     for (setting, ood), ens in ensemble.groupby(["setting", "ood"], sort=False):
         values = modes.loc[(modes["setting"] == setting) & (modes["ood"] == ood), metric].dropna().to_numpy()
@@ -106,42 +99,19 @@ def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: flo
     return out
 
 
-def auroc(id_scores, ood_scores) -> float:
-    """AUROC (ID positive) as the Mann-Whitney statistic on mid-ranks: P(ID > OOD) + P(tie) / 2, the same
-    number as sklearn's roc_auc_score, and fast enough to repeat for every bootstrap resample."""
-    i, o = np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)
-    ranks = stats.rankdata(np.r_[i, o])
-    return float((ranks[: len(i)].sum() - len(i) * (len(i) + 1) / 2) / (len(i) * len(o)))
-
-
-def metric_function(metric: str, positive: str = "id"):
-    """``f(id_scores, ood_scores) -> float`` for one OOD metric (same definitions as oodens.metrics)."""
-    def labels(i, o):
-        return np.r_[np.ones(len(i)), np.zeros(len(o))], np.r_[i, o]
-
-    if metric == "fpr95":
-        return (lambda i, o: fpr_at_95_tpr(i, o)) if positive == "id" else (lambda i, o: fpr_at_95_tpr(-o, -i))
-    if metric == "auroc":
-        return auroc
-    if metric == "aupr_in":
-        return lambda i, o: float(average_precision_score(*labels(i, o)))
-    if metric == "aupr_out":
-        return lambda i, o: float(average_precision_score(1 - labels(i, o)[0], -labels(i, o)[1]))
-    if metric == "detection_error":
-        return detection_error
-    raise ValueError(f"no per-sample metric {metric!r}")
-
-
 def bootstrap_ci(id_scores, ood_scores, metric: str, n: int = 1000, level: float = 0.95, seed: int = 0,
                  positive: str = "id") -> tuple[float, float, float]:
     """(point estimate, low, high): percentile bootstrap interval of ``metric`` over ``n`` resamples,
     ID and OOD scores each resampled with replacement to their own size (seeded, reproducible)."""
-    f = metric_function(metric, positive)
+    spec = METRICS.get(metric)
+    if spec is None or spec.fn is None:
+        raise ValueError(f"no per-sample metric {metric!r}: expected one of {', '.join(OOD_METRICS)}")
+    point = spec(id_scores, ood_scores, positive)  # validates the scores and the convention
     id_s = np.asarray(id_scores, dtype=np.float64).ravel()
     ood_s = np.asarray(ood_scores, dtype=np.float64).ravel()
     rng = np.random.default_rng(seed)
-    draws = np.array([f(id_s[rng.integers(0, len(id_s), len(id_s))], ood_s[rng.integers(0, len(ood_s), len(ood_s))])
-                      for _ in range(n)])
+    draws = np.array([spec.fn(id_s[rng.integers(0, len(id_s), len(id_s))],
+                              ood_s[rng.integers(0, len(ood_s), len(ood_s))], positive) for _ in range(n)])
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(draws, [tail, 100 - tail])
-    return f(id_s, ood_s), float(low), float(high)
+    return point, float(low), float(high)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from oodens.data import Preset
+from oodens.data.presets import Preset
 
 ViewFn = Callable[..., dict[str, torch.Tensor]]
 

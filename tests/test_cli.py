@@ -16,6 +16,7 @@ from oodens.cli import main
 from oodens.metrics import ood_metrics
 
 from conftest import snapshot
+from evaluation import row
 
 RECORD_KEYS = {"detector", "strategy", "member", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
 
@@ -279,7 +280,7 @@ def test_ensemble_size_sweep_rows(two_modes, tmp_path, capsys):
                           "--json", "--cache-dir", str(tmp_path / "c")], capsys)
     assert code == 0, err
     recs = json.loads(out)
-    energy = {(r["member"], r["ood"]): r for r in recs if r["detector"] == "energy"}
+    energy = {(row(r), r["ood"]): r for r in recs if r["detector"] == "energy"}
     # k = 1: the two single modes; k = 2: the one full ensemble
     for ood in ("noise", "letters"):
         singles = [energy[(m, ood)]["auroc"] for m in ("seed-1000", "seed-1100")]
@@ -287,7 +288,7 @@ def test_ensemble_size_sweep_rows(two_modes, tmp_path, capsys):
         assert energy[("subsets-1-std", ood)]["auroc"] == pytest.approx(np.std(singles, ddof=1))
         assert energy[("subsets-2-mean", ood)]["auroc"] == pytest.approx(energy[("ensemble", ood)]["auroc"])
         assert energy[("subsets-2-mean", ood)]["n_subsets"] == 1
-    mi_members = {r["member"] for r in recs if r["detector"] == "mi"}
+    mi_members = {row(r) for r in recs if r["detector"] == "mi"}
     assert mi_members == {"ensemble", "subsets-2-mean", "subsets-2-std"}  # no k = 1 for an ensemble-only score
     code, out, _ = run(["eval", "--modes", str(two_modes), "--ensemble-size", "2", "--cache-dir",
                         str(tmp_path / "c")], capsys)
@@ -297,8 +298,8 @@ def test_ensemble_size_sweep_rows(two_modes, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--ensemble-size", "3"], ("--ensemble-size '3'", "1..2")),
-        (["--ensemble-size", "two"], ("--ensemble-size 'two'", "'all'")),
+        (["--ensemble-size", "3"], ("--ensemble-size 3", "1..2")),
+        (["--ensemble-size", "two"], ("--ensemble-size two", "'all'")),
         (["--detector", "vim", "--vim-dim", "500"], ("--vim-dim 500", "1..127")),
         (["--detector", "dice", "--dice-p", "100"], ("--dice-p 100", "[0, 100)")),
     ],
@@ -323,7 +324,7 @@ def test_corruptions_give_shift_rows_accuracy_and_severity_averages(two_modes, t
     base = ["--modes", str(two_modes), "--cache-dir", str(tmp_path / "c"), "--corruptions", "contrast:1,jpeg:1,jpeg:5"]
     code, out, err = run(["eval", *base, "--detector", "energy", "--json", "--ood", "noise"], capsys)
     assert code == 0, err
-    recs = {(r["member"], r["ood"]): r for r in json.loads(out)}
+    recs = {(row(r), r["ood"]): r for r in json.loads(out)}
     c1 = ["digits-C/contrast-1", "digits-C/jpeg-1"]
     for member in ("seed-1000", "ensemble"):
         for k in ("auroc", "fpr95", "ood_accuracy"):

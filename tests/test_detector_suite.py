@@ -22,8 +22,9 @@ from oodens.detectors import DETECTORS
 from oodens.detectors.shaping import dice_mask
 from oodens.detectors.subspace import vim_default_dim
 from oodens.errors import OodensError
-from oodens.evaluate import evaluate_detector, subsets
-from oodens.metrics import METRICS, ood_metrics
+from oodens.evaluate import subsets
+from evaluation import evaluate_named, row
+from oodens.metrics import OOD_METRICS, ood_metrics
 from oodens.strategies import ensemble_scores
 from oodens.viewkinds import odin_view, rankfeat_view, remove_rank1
 from oodens.views import Views
@@ -610,10 +611,10 @@ def _hand_knn(train: list[Views], query: list[Views], k: int) -> np.ndarray:
 def test_ensemble_size_sweep_matches_explicit_subsets(name, params):
     train, id_test, oods = _sweep_data()
     names = ["m0", "m1", "m2", "m3"]
-    run = evaluate_detector(name, params, None, names, train, id_test, oods,
+    run = evaluate_named(name, params, None, names, train, id_test, oods,
                             ensemble_sizes=[1, 2, 3, 4], max_subsets=100)
     assert run.strategy == ("mean-logits" if name == "energy" else "concat")
-    rec = {(r["member"], r["ood"]): r for r in run.records}
+    rec = {(row(r), r["ood"]): r for r in run.records}
 
     def hand(sub) -> dict[str, np.ndarray]:
         tr = [train[i] for i in sub]
@@ -635,8 +636,8 @@ def test_ensemble_size_sweep_matches_explicit_subsets(name, params):
         for o in [*oods, "average"]:
             m_rec, s_rec = rec[(f"subsets-{k}-mean", o)], rec[(f"subsets-{k}-std", o)]
             assert m_rec["n_subsets"] == len(combos) == s_rec["n_subsets"]
-            assert m_rec["ensemble_size"] == k
-            for metric in METRICS:
+            assert m_rec["k"] == k and m_rec["role"] == "subsets"
+            for metric in OOD_METRICS:
                 if o == "average":
                     vals = [np.mean([ps[x][metric] for x in oods]) for ps in per_subset]
                 else:
@@ -648,7 +649,7 @@ def test_ensemble_size_sweep_matches_explicit_subsets(name, params):
         if k == 4:
             for o in [*oods, "average"]:
                 assert rec[("subsets-4-mean", o)]["n_subsets"] == 1
-                for metric in METRICS:
+                for metric in OOD_METRICS:
                     assert rec[("subsets-4-std", o)][metric] == 0.0
                     assert rec[("subsets-4-mean", o)][metric] == pytest.approx(rec[("ensemble", o)][metric],
                                                                                 abs=1e-12)
@@ -658,7 +659,7 @@ def test_ensemble_size_sweep_matches_explicit_subsets(name, params):
     full = hand(tuple(range(4)))
     for o in oods:
         expected = ood_metrics(full["id"], full[o])
-        for metric in METRICS:
+        for metric in OOD_METRICS:
             assert rec[("ensemble", o)][metric] == pytest.approx(expected[metric], abs=1e-9)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from oodens.metrics import accuracy, ood_metrics
+from oodens import stats
+from oodens.metrics import KINDS, METRICS, OOD_METRICS, QUALITY_METRICS, Metric, accuracy, ood_metrics
 
 KEYS = {"fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
 
@@ -310,3 +311,126 @@ def test_accuracy_random_loop():
                 best = c
         correct += int(best == y)
     assert accuracy(logits, labels) == pytest.approx(correct / 200)
+
+
+# ----------------------------------------------------------------------------
+# the registry: names, direction, and the functions behind ood_metrics
+# ----------------------------------------------------------------------------
+
+
+def test_registry_names_and_kinds():
+    assert list(METRICS) == ["fpr95", "auroc", "aupr_in", "aupr_out", "detection_error",
+                             "id_accuracy", "id_nll", "id_brier", "id_ece", "ood_accuracy"]
+    assert OOD_METRICS == ("fpr95", "auroc", "aupr_in", "aupr_out", "detection_error")
+    assert set(OOD_METRICS) == KEYS
+    assert QUALITY_METRICS == ("id_accuracy", "id_nll", "id_brier", "id_ece")
+    assert METRICS["ood_accuracy"].kind == "shift"
+    for name, m in METRICS.items():
+        assert isinstance(m, Metric) and m.name == name and m.kind in KINDS
+        assert (m.fn is not None) == (m.kind == "ood"), name
+    assert len({m.label for m in METRICS.values()}) == len(METRICS)
+    assert {n for n, m in METRICS.items() if not m.percent} == {"id_nll", "id_brier"}
+    with pytest.raises(Exception):  # frozen
+        METRICS["auroc"].higher_is_better = False
+    with pytest.raises(ValueError):
+        Metric("x", "X", True, "other")
+    with pytest.raises(ValueError):
+        Metric("x", "X", True, "quality", fn=lambda i, o, p: 0.0)
+    with pytest.raises(TypeError):
+        METRICS["id_nll"]([1.0], [0.0])
+
+
+@pytest.mark.parametrize("positive", ["id", "ood"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_registry_functions_are_ood_metrics(case, positive):
+    """ood_metrics is the registry's OOD metrics, nothing else: each one called alone gives the same number."""
+    _, id_s, ood_s = case
+    m = ood_metrics(id_s, ood_s, positive=positive)
+    assert list(m) == list(OOD_METRICS)
+    for name in OOD_METRICS:
+        assert METRICS[name](list(id_s), list(ood_s), positive) == m[name], name
+        assert METRICS[name].fn(np.asarray(id_s, float), np.asarray(ood_s, float), positive) == m[name], name
+
+
+@pytest.mark.parametrize("bad", [([], [1.0], "id"), ([1.0], [np.nan], "id"), ([1.0], [0.0], "OOD")])
+def test_registry_call_validates(bad):
+    for name in OOD_METRICS:
+        with pytest.raises(ValueError):
+            METRICS[name](*bad)
+
+
+def _better(m: Metric, a: float, b: float) -> bool:
+    return a > b if m.higher_is_better else a < b
+
+
+@pytest.mark.parametrize("positive", ["id", "ood"])
+@pytest.mark.parametrize("name", OOD_METRICS)
+def test_registry_direction_brute_force(name, positive):
+    """A perfect detector gets the best value (1 when higher is better, 0 when lower is), computed by the
+    brute-force references; no detector does better, and the reversed detector does strictly worse."""
+    m = METRICS[name]
+    brute = {"fpr95": lambda i, o: bf_fpr95(i, o, positive), "auroc": bf_auroc,
+             "aupr_in": bf_average_precision, "aupr_out": lambda i, o: bf_average_precision(-o, -i),
+             "detection_error": bf_detection_error}[name]
+    rng = np.random.default_rng(5)
+    id_s, ood_s = rng.uniform(2, 3, 40), rng.uniform(0, 1, 30)
+    best = 1.0 if m.higher_is_better else 0.0
+    assert brute(id_s, ood_s) == pytest.approx(best, abs=1e-12)
+    assert m(id_s, ood_s, positive) == pytest.approx(best, abs=1e-12)
+    assert _better(m, m(id_s, ood_s, positive), m(ood_s, id_s, positive))  # reversed: ID scored as OOD
+    assert _better(m, brute(id_s, ood_s), brute(ood_s, id_s))
+    for seed in range(10):
+        r = np.random.default_rng(50 + seed)
+        i, o = r.normal(0.5, 1, 30), r.normal(0, 1, 25)
+        assert not _better(m, m(i, o, positive), best)
+
+
+def test_quality_and_shift_direction_brute_force():
+    """Accuracy: higher is better (all correct = 1). NLL, Brier, ECE: lower is better (0 for one-hot correct
+    predictions), all worse for a confidently wrong predictor; see tests/test_calibration.py for their values."""
+    from oodens import calibration as cal
+
+    y = np.array([0, 1, 2, 1])
+    right, wrong = np.eye(3)[y], np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3
+    fns = {"id_accuracy": accuracy, "ood_accuracy": accuracy, "id_nll": cal.nll, "id_brier": cal.brier,
+           "id_ece": cal.ece}
+    assert set(fns) == {n for n, m in METRICS.items() if m.kind != "ood"}
+    for name, f in fns.items():
+        m = METRICS[name]
+        assert f(right, y) == pytest.approx(1.0 if m.higher_is_better else 0.0, abs=1e-12), name
+        assert _better(m, f(right, y), f(wrong, y)), name
+
+
+def test_rank_auroc_equals_sklearn():
+    """The registry's AUROC (Mann-Whitney on mid-ranks, fast for the bootstrap) is sklearn's roc_auc_score."""
+    for seed in range(30):
+        rng = np.random.default_rng(200 + seed)
+        n_id, n_ood = rng.integers(1, 400, 2)
+        if seed % 2:
+            id_s, ood_s = rng.integers(0, 4, n_id).astype(float), rng.integers(0, 4, n_ood).astype(float)
+        else:
+            id_s, ood_s = rng.normal(0.3, 1, n_id), rng.normal(0, 1, n_ood)
+        y, s = _sk_labels(id_s, ood_s)
+        assert METRICS["auroc"](id_s, ood_s) == pytest.approx(roc_auc_score(y, s), abs=1e-12), seed
+
+
+@pytest.mark.parametrize("name", list(METRICS))
+def test_stats_direction_comes_from_the_registry(name):
+    """stats.ensemble_test's one-sided alternative follows higher_is_better."""
+    m = METRICS[name]
+    step = 0.1 if m.higher_is_better else -0.1
+    worse_modes = [0.5 - step, 0.5 - 2 * step, 0.5 - 1.5 * step]  # all worse than an ensemble at 0.5
+    assert stats.ensemble_test(worse_modes, 0.5, name)[1] < 0.05
+    assert stats.ensemble_test([1 - v for v in worse_modes], 0.5, name)[1] > 0.5
+
+
+def test_bootstrap_uses_the_registry():
+    rng = np.random.default_rng(9)
+    id_s, ood_s = rng.normal(1, 1, 60), rng.normal(0, 1, 50)
+    for positive in ("id", "ood"):
+        exact = ood_metrics(id_s, ood_s, positive)
+        for name in OOD_METRICS:
+            assert stats.bootstrap_ci(id_s, ood_s, name, n=5, positive=positive)[0] == exact[name]
+    for name in ("id_nll", "ood_accuracy", "nope"):
+        with pytest.raises(ValueError):
+            stats.bootstrap_ci(id_s, ood_s, name, n=5)

@@ -7,8 +7,8 @@ import pytest
 
 from oodens.detectors import DETECTORS
 from oodens.errors import OodensError
-from oodens.evaluate import evaluate_detector
-from oodens.metrics import METRICS, ood_metrics
+from evaluation import evaluate_named, row
+from oodens.metrics import OOD_METRICS, ood_metrics
 from oodens.strategies import STRATEGIES, ensemble_scores, resolve_strategy
 from oodens.views import Views
 
@@ -119,7 +119,7 @@ def test_unknown_strategy(strategy):
 
 def test_unsupported_pair_via_evaluate(data):
     with pytest.raises(OodensError):
-        evaluate_detector("knn", {"k": 5}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
+        evaluate_named("knn", {"k": 5}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
 
 
 def test_default_strategies():
@@ -142,7 +142,7 @@ def _ensemble(run):
 
 @pytest.mark.parametrize("name", ["msp", "maxlogit", "energy"])
 def test_mean_logits(data, name):
-    run = evaluate_detector(name, {}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named(name, {}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     assert set(ens) == {"id", "farood", "nearood"}
     for key, views in _sets(data).items():
@@ -151,14 +151,14 @@ def test_mean_logits(data, name):
 
 
 def test_mean_logits_is_default(data):
-    run = evaluate_detector("energy", {}, None, MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("energy", {}, None, MEMBERS, data["train"], data["id"], data["oods"])
     assert run.strategy == "mean-logits"
     zbar = sum(np.asarray(v.logits, dtype=np.float64) for v in data["id"]) / 3
     np.testing.assert_allclose(run.scores["ensemble"]["id"], ref_energy(zbar), rtol=1e-12)
 
 
 def test_energy_temperature_passed_to_ensemble(data):
-    run = evaluate_detector("energy", {"temperature": 2.5}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("energy", {"temperature": 2.5}, "mean-logits", MEMBERS, data["train"], data["id"], data["oods"])
     zbar = sum(np.asarray(v.logits, dtype=np.float64) for v in data["id"]) / 3
     np.testing.assert_allclose(run.scores["ensemble"]["id"], ref_energy(zbar, 2.5), rtol=1e-12)
     for i, m in enumerate(MEMBERS):
@@ -167,7 +167,7 @@ def test_energy_temperature_passed_to_ensemble(data):
 
 
 def test_mean_probs_msp(data):
-    run = evaluate_detector("msp", {}, "mean-probs", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("msp", {}, "mean-probs", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     for key, views in _sets(data).items():
         pbar = (softmax64(views[0].logits) + softmax64(views[1].logits) + softmax64(views[2].logits)) / 3
@@ -176,7 +176,7 @@ def test_mean_probs_msp(data):
 
 @pytest.mark.parametrize("name", ["msp", "maxlogit", "energy"])
 def test_mean_scores_logit(data, name):
-    run = evaluate_detector(name, {}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named(name, {}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     for key, views in _sets(data).items():
         per = [LOGIT_REF[name](v.logits) for v in views]
@@ -187,7 +187,7 @@ def test_mean_scores_logit(data, name):
 
 def test_mean_scores_knn(data):
     k = 7
-    run = evaluate_detector("knn", {"k": k}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("knn", {"k": k}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     tr = data["train"]
     for key, views in _sets(data).items():
@@ -198,7 +198,7 @@ def test_mean_scores_knn(data):
 
 
 def test_mean_scores_mahalanobis(data):
-    run = evaluate_detector("mahalanobis", {}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("mahalanobis", {}, "mean-scores", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     tr = data["train"]
     for key, views in _sets(data).items():
@@ -208,7 +208,7 @@ def test_mean_scores_mahalanobis(data):
 
 @pytest.mark.parametrize("k", [1, 10])
 def test_concat_knn(data, k):
-    run = evaluate_detector("knn", {"k": k}, "concat", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("knn", {"k": k}, "concat", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     bank = np.concatenate([normalise64(v.features) for v in data["train"]], axis=1)
     for key, views in _sets(data).items():
@@ -218,7 +218,7 @@ def test_concat_knn(data, k):
 
 
 def test_concat_knn_is_default(data):
-    run = evaluate_detector("knn", {"k": 3}, None, MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("knn", {"k": 3}, None, MEMBERS, data["train"], data["id"], data["oods"])
     assert run.strategy == "concat"
     bank = np.concatenate([normalise64(v.features) for v in data["train"]], axis=1)
     q = np.concatenate([normalise64(v.features) for v in data["id"]], axis=1)
@@ -226,7 +226,7 @@ def test_concat_knn_is_default(data):
 
 
 def test_concat_mahalanobis(data):
-    run = evaluate_detector("mahalanobis", {}, "concat", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("mahalanobis", {}, "concat", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     bank = np.concatenate([np.asarray(v.features, dtype=np.float64) for v in data["train"]], axis=1)
     labels = data["train"][0].labels
@@ -237,7 +237,7 @@ def test_concat_mahalanobis(data):
 
 def test_mean_features_knn(data):
     k = 5
-    run = evaluate_detector("knn", {"k": k}, "mean-features", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("knn", {"k": k}, "mean-features", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     bank = np.mean([np.asarray(v.features, dtype=np.float64) for v in data["train"]], axis=0)
     for key, views in _sets(data).items():
@@ -246,7 +246,7 @@ def test_mean_features_knn(data):
 
 
 def test_mean_features_mahalanobis(data):
-    run = evaluate_detector("mahalanobis", {}, "mean-features", MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("mahalanobis", {}, "mean-features", MEMBERS, data["train"], data["id"], data["oods"])
     ens = _ensemble(run)
     bank = np.mean([np.asarray(v.features, dtype=np.float64) for v in data["train"]], axis=0)
     labels = data["train"][0].labels
@@ -284,7 +284,7 @@ def _rows(run):
     """(member, ood) -> record, checking there are no duplicates."""
     out = {}
     for r in run.records:
-        key = (r["member"], r["ood"])
+        key = (row(r), r["ood"])
         assert key not in out, key
         out[key] = r
     return out
@@ -307,7 +307,7 @@ def _argmax_acc(logits, labels):
     ],
 )
 def test_records(data, name, params, strategy, positive):
-    run = evaluate_detector(name, params, strategy, MEMBERS, data["train"], data["id"], data["oods"], positive)
+    run = evaluate_named(name, params, strategy, MEMBERS, data["train"], data["id"], data["oods"], positive)
     rows = _rows(run)
     oods = ["farood", "nearood"]
     expected_keys = {(m, o) for o in [*oods, "average"] for m in [*MEMBERS, "mean", "std", "ensemble"]}
@@ -320,7 +320,7 @@ def test_records(data, name, params, strategy, positive):
         assert r["strategy"] == strategy
         assert r["positive"] == positive
         assert r["n_members"] == 3
-        for k in METRICS:
+        for k in OOD_METRICS:
             assert 0.0 <= r[k] <= 1.0 or r["member"] == "std"
 
     # member rows: metrics of the member's own scores (scores checked against formulas above)
@@ -328,18 +328,18 @@ def test_records(data, name, params, strategy, positive):
     for i, m in enumerate(MEMBERS):
         for o in oods:
             want = ood_metrics(run.scores[m]["id"], run.scores[m][o], positive=positive)
-            for k in METRICS:
+            for k in OOD_METRICS:
                 assert rows[(m, o)][k] == pytest.approx(want[k], abs=1e-12)
             assert rows[(m, o)]["id_accuracy"] == pytest.approx(_argmax_acc(data["id"][i].logits, labels))
 
     # average row = mean over OOD sets, per member
     for m in [*MEMBERS, "ensemble"]:
-        for k in METRICS:
+        for k in OOD_METRICS:
             assert rows[(m, "average")][k] == pytest.approx((rows[(m, "farood")][k] + rows[(m, "nearood")][k]) / 2, abs=1e-12)
 
     # mean / std rows over members (sample std, ddof=1)
     for o in [*oods, "average"]:
-        for k in [*METRICS, "id_accuracy"]:
+        for k in [*OOD_METRICS, "id_accuracy"]:
             vals = np.array([rows[(m, o)][k] for m in MEMBERS])
             assert rows[("mean", o)][k] == pytest.approx(vals.sum() / 3, abs=1e-12)
             sd = np.sqrt(((vals - vals.sum() / 3) ** 2).sum() / 2)
@@ -349,7 +349,7 @@ def test_records(data, name, params, strategy, positive):
     ens = _hand_ensemble(data, name, params, strategy)
     for o in oods:
         want = ood_metrics(ens["id"], ens[o], positive=positive)
-        for k in METRICS:
+        for k in OOD_METRICS:
             assert rows[("ensemble", o)][k] == pytest.approx(want[k], abs=1e-6)
 
     # ensemble accuracy = accuracy of argmax of the mean logits
@@ -384,7 +384,7 @@ def _hand_ensemble(data, name, params, strategy):
 def test_ensemble_scores_close_to_hand(data):
     # the ensemble scores themselves, for the record-test configurations
     for name, params, strategy in [("knn", {"k": 5}, "concat"), ("mahalanobis", {}, "concat")]:
-        run = evaluate_detector(name, params, strategy, MEMBERS, data["train"], data["id"], data["oods"])
+        run = evaluate_named(name, params, strategy, MEMBERS, data["train"], data["id"], data["oods"])
         ens = _hand_ensemble(data, name, params, strategy)
         for key in ens:
             np.testing.assert_allclose(run.scores["ensemble"][key], ens[key], rtol=1e-4, atol=1e-5)
@@ -392,18 +392,18 @@ def test_ensemble_scores_close_to_hand(data):
 
 def test_single_ood_set_has_no_average_row(data):
     oods = {"farood": data["oods"]["farood"]}
-    run = evaluate_detector("maxlogit", {}, None, MEMBERS, data["train"], data["id"], oods)
+    run = evaluate_named("maxlogit", {}, None, MEMBERS, data["train"], data["id"], oods)
     rows = _rows(run)
     assert set(rows) == {(m, "farood") for m in [*MEMBERS, "mean", "std", "ensemble"]}
     zbar = np.mean([v.logits for v in data["id"]], axis=0)
     zbar_o = np.mean([v.logits for v in oods["farood"]], axis=0)
     want = ood_metrics(ref_maxlogit(zbar), ref_maxlogit(zbar_o))
-    for k in METRICS:
+    for k in OOD_METRICS:
         assert rows[("ensemble", "farood")][k] == pytest.approx(want[k], abs=1e-12)
 
 
 def test_score_keys(data):
-    run = evaluate_detector("msp", {}, None, MEMBERS, data["train"], data["id"], data["oods"])
+    run = evaluate_named("msp", {}, None, MEMBERS, data["train"], data["id"], data["oods"])
     assert set(run.scores) == {*MEMBERS, "ensemble"}
     for m, s in run.scores.items():
         assert set(s) == {"id", "farood", "nearood"}

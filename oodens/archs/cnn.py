@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from oodens.archs import register_arch
+from oodens.archs.registry import register_arch
 from oodens.archs.stages import StagedNetwork
 
 

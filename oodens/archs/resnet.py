@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodens.archs import register_arch
+from oodens.archs.registry import register_arch
 from oodens.archs.stages import StagedNetwork
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodens.archs import register_arch
+from oodens.archs.registry import register_arch
 
 
 def sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from scipy.ndimage import gaussian_filter
 from torch.utils.data import DataLoader
 
 from oodens.data.presets import Preset
-from oodens.data.sources import DataSource, _Items, resize_crop
+from oodens.data.sources import DataSource, _Items, to_image
 from oodens.errors import OodensError
 
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -146,13 +146,7 @@ class CorruptedSource(DataSource):
         if isinstance(img, torch.Tensor):
             x = img.numpy().transpose(1, 2, 0).astype(np.float64)
         else:
-            if not isinstance(img, Image.Image):
-                a = np.asarray(img)
-                img = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
-            img = img.convert("RGB" if self.channels == 3 else "L")
-            if preset is not None:
-                img = resize_crop(img, preset)
-            a = np.asarray(img)
+            a = np.asarray(to_image(img, self.channels, preset))
             x = (a[:, :, None] if a.ndim == 2 else a).astype(np.float64) / 255.0
         y = self.fn(x, self.severity, _rng(self.corruption, self.severity, i))
         return torch.from_numpy(np.ascontiguousarray(np.asarray(y, dtype=np.float32).transpose(2, 0, 1))), label

@@ -55,6 +55,16 @@ def resize_crop(img: Image.Image, preset: Preset) -> Image.Image:
     return img
 
 
+def to_image(img, channels: int, preset: Preset | None = None) -> Image.Image:
+    """A PIL image or uint8 array as a PIL image in ``channels`` channels (RGB, or grey for 1),
+    through the preset's geometry when given."""
+    if not isinstance(img, Image.Image):
+        a = np.asarray(img)
+        img = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+    img = img.convert("RGB" if channels == 3 else "L")
+    return img if preset is None else resize_crop(img, preset)
+
+
 class _Items(Dataset):
     """Indexable (image, label) -> (normalised tensor, label) through a preset.
 
@@ -71,11 +81,7 @@ class _Items(Dataset):
         if isinstance(img, torch.Tensor):  # already a float CHW tensor in [0, 1]
             x = img
         else:
-            if not isinstance(img, Image.Image):
-                a = np.asarray(img)
-                img = Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a)
-            img = resize_crop(img.convert("RGB" if self.channels == 3 else "L"), self.preset)
-            x = to_tensor(img)
+            x = to_tensor(to_image(img, self.channels, self.preset))
         return self.preset.normalize(x[None])[0], label
 
 

@@ -3,9 +3,30 @@
 Importing this package registers every detector; a new detector is a class with
 ``@register_detector`` in one of these modules (or a new module imported here),
 and the CLI picks it and its hyperparameters up from the registry.
+
+Each detector is a scikit-learn-style estimator, usable on its own::
+
+    from oodens.detectors import KNN
+    scores = KNN(k=50).fit(train_views).score(test_views)   # oodens.views.Views; higher = more ID
+
+The classes are exported by name below; ``DETECTORS`` maps registry names to the same classes.
 """
 
-from oodens.detectors.base import DETECTORS, Detector, get_detector, param, parse_detectors, register_detector
+from oodens.detectors.base import (DETECTORS, Detector, check_is_fitted, get_detector, param, parse_detectors,
+                                   register_detector)
 from oodens.detectors import logit, feature, shaping, gradient, subspace, disagreement  # noqa: F401,I001  (registers, in table order)
+from oodens.detectors.logit import MSP, ODIN, Energy, Entropy, MaxLogit, RankFeat
+from oodens.detectors.feature import KNN, Mahalanobis
+from oodens.detectors.shaping import ASH, DICE, ReAct
+from oodens.detectors.gradient import GradNorm
+from oodens.detectors.subspace import ViM
+from oodens.detectors.disagreement import ELOC, MI, PDS
+from oodens.errors import NotFittedError, ParameterError
 
-__all__ = ["DETECTORS", "Detector", "get_detector", "param", "parse_detectors", "register_detector"]
+__all__ = [
+    "DETECTORS", "Detector", "check_is_fitted", "get_detector", "param", "parse_detectors", "register_detector",
+    "NotFittedError", "ParameterError",
+    # the detectors, in registry order
+    "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "RankFeat", "KNN", "Mahalanobis", "DICE", "ReAct", "ASH",
+    "GradNorm", "ViM", "PDS", "MI", "ELOC",
+]

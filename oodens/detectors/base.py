@@ -3,7 +3,16 @@
 A detector turns views into one score per sample, **higher = more in-distribution**.
 Its constructor takes hyperparameters only (dataclass fields, each with a ``help``
 text, which become ``--<detector>-<param>`` flags of ``oodens eval``); ``fit``
-learns state from the ID training views; ``score`` never calls a network.
+learns state from the ID training views into attributes with a trailing underscore
+(``bank_``, ``means_``, ``n_features_in_``...), which exist only once ``fit`` has run;
+``score`` never calls a network. Standalone, e.g. in a notebook::
+
+    from oodens.detectors import KNN
+    scores = KNN(k=50).fit(train_views).score(test_views)   # oodens.views.Views
+
+``validate()`` checks the hyperparameters that need no data (``ParameterError``); scoring a
+detector that needs ``fit`` before fitting raises ``NotFittedError``; scoring features (or
+logits) of another width than ``fit`` saw raises ``OodensError``.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from oodens.errors import OodensError
+from oodens.errors import NotFittedError, OodensError, ParameterError
 from oodens.views import Views, ViewSpec
 
 
@@ -26,6 +35,26 @@ def param(default: Any, help: str):
 #: ensemble strategies that combine members class by class (average their logits or probabilities):
 #: undefined for leave-out members, whose heads predict different subsets of the classes
 CLASSWISE_STRATEGIES = ("mean-logits", "mean-probs")
+
+
+def check_is_fitted(detector: "Detector") -> None:
+    """Raise :class:`NotFittedError` if ``detector`` needs ``fit`` and has not been fitted.
+
+    As scikit-learn's ``check_is_fitted``: fitted means ``fit`` has set an attribute with a trailing
+    underscore (learned state). Detectors that need no fit always pass.
+    """
+    if not detector.needs_fit:
+        return
+    if not any(k.endswith("_") and not k.startswith("__") for k in vars(detector)):
+        raise NotFittedError(f"{type(detector).__name__} is not fitted: call fit(train_views) first")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 @dataclass
@@ -68,10 +97,19 @@ class Detector:
         """Views beyond the base view (logits/features/labels) that this detector reads."""
         return []
 
-    def fit(self, train: Views) -> "Detector":
+    def validate(self) -> "Detector":
+        """Check the hyperparameters that need no data; raise :class:`ParameterError` naming the
+        parameter. Called by ``fit`` and ``score``, and by the CLI before any extraction.
+        Default: nothing to check."""
         return self
 
+    def fit(self, train: Views | None = None) -> "Detector":
+        """Learn state from the ID training views (detectors with ``needs_fit``); others only
+        validate their hyperparameters and need no views."""
+        return self.validate()
+
     def score(self, views: Views) -> np.ndarray:  # pragma: no cover - interface
+        """One score per sample of ``views`` (1-D float array), higher = more in-distribution."""
         raise NotImplementedError
 
     def score_ensemble(self, members: list[Views]) -> np.ndarray:  # pragma: no cover - interface
@@ -84,11 +122,80 @@ class Detector:
 
     @classmethod
     def params(cls) -> list[dataclasses.Field]:
-        """The hyperparameters (constructor fields); learned state lives in ``init=False`` fields."""
+        """The hyperparameters (constructor fields); learned state lives in trailing-underscore
+        attributes set by ``fit``, never in fields."""
         return [f for f in dataclasses.fields(cls) if f.init]
 
     def settings(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.params()}
+
+    # ------------------------------------------------------------------ checks shared by the detectors
+
+    def _param_error(self, param: str, problem: str) -> ParameterError:
+        """A ParameterError about this detector's ``param`` at its current value."""
+        return ParameterError(self.name, param, getattr(self, param), problem)
+
+    def _check_int(self, param: str, minimum: int) -> None:
+        """``param`` is an integer >= ``minimum``."""
+        v = getattr(self, param)
+        if not _is_int(v) or v < minimum:
+            raise self._param_error(param, f"is out of range: expected an integer >= {minimum}")
+
+    def _check_positive(self, param: str) -> None:
+        """``param`` is a finite number > 0 (a temperature)."""
+        v = getattr(self, param)
+        if not _is_real(v) or v <= 0:
+            raise self._param_error(param, "is out of range: expected a finite number > 0")
+
+    def _check_nonnegative(self, param: str) -> None:
+        """``param`` is a finite number >= 0 (a perturbation size)."""
+        v = getattr(self, param)
+        if not _is_real(v) or v < 0:
+            raise self._param_error(param, "is out of range: expected a finite number >= 0")
+
+    def _check_percentile(self, param: str) -> None:
+        """``param`` is a percentile in [0, 100)."""
+        v = getattr(self, param)
+        if not _is_real(v) or not 0 <= v < 100:
+            raise self._param_error(param, "is out of range: expected a percentile in [0, 100)")
+
+    def _array(self, views: Views, attr: str) -> np.ndarray:
+        """``views.<attr>`` (logits, features, weight...), which must be there."""
+        a = getattr(views, attr, None)
+        if a is None:
+            raise OodensError(f"{self.name} reads views.{attr}, but these views have none "
+                              f"(expected Views({attr}=...))")
+        return a
+
+    def _extra(self, views: Views, spec: ViewSpec) -> np.ndarray:
+        """The logits of a parametrised view (``views.extra[spec.id]``), which must be there."""
+        try:
+            return views.extra[spec.id]
+        except (KeyError, TypeError):
+            have = ", ".join(getattr(views, "extra", None) or {}) or "none"
+            raise OodensError(f"{self.name} reads the {spec.id} logits view (views.extra[{spec.id!r}]), but these "
+                              f"views hold {have}: expected the view extracted with these parameters") from None
+
+    def _matrix(self, views: Views, attr: str, fitted: int | None = None) -> np.ndarray:
+        """``views.<attr>`` as an (n, width) array, its width checked against ``fitted`` (what fit saw)."""
+        a = self._array(views, attr)
+        if np.ndim(a) != 2:
+            raise OodensError(f"{self.name} expects {attr} of shape (n, width), got shape {np.shape(a)}")
+        self._check_width(a.shape[1], fitted, attr)
+        return a
+
+    def _check_width(self, got: int, fitted: int | None, what: str) -> None:
+        if fitted is not None and got != fitted:
+            raise OodensError(f"{self.name} was fitted on {fitted}-d {what} but got {got}-d {what}")
+
+    def _head(self, views: Views, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+        """The final layer (weight (C, D), bias (C,)) as float64, checked against D = ``n_features``."""
+        w = np.asarray(self._array(views, "weight"), dtype=np.float64)
+        b = np.asarray(self._array(views, "bias"), dtype=np.float64)
+        if w.ndim != 2 or w.shape[1] != n_features or b.shape != (w.shape[0],):
+            raise OodensError(f"{self.name}: the final layer (weight {w.shape}, bias {b.shape}) does not fit "
+                              f"{n_features}-d features: expected weight (C, {n_features}) and bias (C,)")
+        return w, b
 
 
 #: name -> detector class. The one registry of detectors.

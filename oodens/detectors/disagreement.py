@@ -9,6 +9,7 @@ from scipy.special import softmax
 
 from oodens.detectors.base import Detector, param, register_detector
 from oodens.detectors.logit import entropy
+from oodens.errors import OodensError
 from oodens.views import Views
 
 
@@ -20,10 +21,28 @@ class EnsembleDetector(Detector):
     ensemble_only = True
     classwise_ensemble = True
 
-    @staticmethod
-    def member_probs(members: list[Views], temperature: float = 1.0) -> np.ndarray:
+    def score(self, views: Views) -> np.ndarray:
+        raise OodensError(f"{self.name} is defined on an ensemble, not on one member's views: call "
+                          f"score_ensemble([views of member 1, views of member 2, ...])")
+
+    def member_arrays(self, members: list[Views]) -> list[np.ndarray]:
+        """Each member's logits (float64), checked: at least one member, the same samples in each."""
+        self.validate()
+        if isinstance(members, Views) or not len(members):
+            raise OodensError(f"{self.name} scores an ensemble: expected a non-empty list of the members' Views")
+        zs = [np.asarray(self._matrix(v, "logits"), dtype=np.float64) for v in members]
+        if len({len(z) for z in zs}) > 1:
+            raise OodensError(f"{self.name}: the members' views hold different numbers of samples "
+                              f"({', '.join(str(len(z)) for z in zs)}): expected the same samples for every member")
+        return zs
+
+    def member_probs(self, members: list[Views], temperature: float = 1.0) -> np.ndarray:
         """softmax(z_n / T) stacked: (N, n, C)."""
-        return np.stack([softmax(np.asarray(v.logits, dtype=np.float64) / temperature, axis=1) for v in members])
+        zs = self.member_arrays(members)
+        if len({z.shape[1] for z in zs}) > 1:
+            raise OodensError(f"{self.name} compares the members class by class, but their logits have "
+                              f"{', '.join(str(z.shape[1]) for z in zs)} classes: expected the same classes")
+        return np.stack([softmax(z / temperature, axis=1) for z in zs])
 
 
 @register_detector
@@ -74,6 +93,10 @@ class ELOC(EnsembleDetector):
     classwise_ensemble = False  # each member's own softmax: different kept classes are what it is made for
     temperature: float = param(1000.0, "ELOC temperature T")
 
+    def validate(self):
+        self._check_positive("temperature")
+        return self
+
     @classmethod
     def applies_to(cls, members):
         missing = [m.get("name", "?") for m in members if not m.get("kept_classes")]
@@ -84,7 +107,7 @@ class ELOC(EnsembleDetector):
 
     def score_ensemble(self, members):
         total = 0.0
-        for v in members:
-            p = softmax(np.asarray(v.logits, dtype=np.float64) / self.temperature, axis=1)
+        for z in self.member_arrays(members):
+            p = softmax(z / self.temperature, axis=1)
             total = total + p.max(axis=1) - entropy(p)
         return total

@@ -10,11 +10,11 @@ two D x D float64 matrices).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from oodens.detectors.base import Detector, param, register_detector
+from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
 from oodens.errors import OodensError
 from oodens.views import Views
 
@@ -33,6 +33,20 @@ class FeatureDetector(Detector):
     needs_fit = True
     strategies = ("concat", "mean-features", "mean-scores")
 
+    def _fit_features(self, train: Views) -> np.ndarray:
+        """The ID training features (n, D), hyperparameters validated first."""
+        self.validate()
+        feats = self._matrix(train, "features")
+        if len(feats) == 0:
+            raise OodensError(f"{self.name} needs ID training features, but the training views have 0 samples")
+        return feats
+
+    def _score_features(self, views: Views) -> np.ndarray:
+        """The features to score (n, D), after checking the detector is fitted on D-d features."""
+        check_is_fitted(self)
+        self.validate()
+        return self._matrix(views, "features", self.n_features_in_)
+
 
 @register_detector
 @dataclass
@@ -42,13 +56,21 @@ class KNN(FeatureDetector):
 
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
     The exact flat index moves to the GPU when faiss has GPU support and sees a GPU.
+
+    Learned by ``fit``: ``bank_`` (the normalised float32 ID-train features; None on the GPU),
+    ``index_`` (the GPU flat index, or None), ``n_samples_fit_``, ``n_features_in_``.
     """
 
     name = "knn"
     k: int = param(50, "k-th nearest neighbour")
-    _bank: np.ndarray = field(default=None, init=False, repr=False, compare=False)
-    _index: object = field(default=None, init=False, repr=False, compare=False)
-    _gpu: object = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self):
+        self._check_int("k", 1)
+        return self
+
+    def _check_k(self, n: int) -> None:
+        if self.k > n:
+            raise self._param_error("k", f"exceeds the {n} training samples: expected 1..{n}")
 
     def member_features(self, features):
         return l2_normalize(features)
@@ -56,34 +78,37 @@ class KNN(FeatureDetector):
     def fit(self, train: Views) -> "KNN":
         import faiss
 
-        feats = train.features
-        if not 1 <= self.k <= len(feats):
-            raise OodensError(f"--knn-k {self.k} is out of range: expected 1..{len(feats)} (the ID training set size)")
+        feats = self._fit_features(train)
+        self._check_k(len(feats))
+        bank, index, gpu = None, None, None
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # the GPU wheel on a machine with a GPU
-            self._gpu = faiss.StandardGpuResources()
-            self._index = faiss.GpuIndexFlatL2(self._gpu, feats.shape[1])
+            gpu = faiss.StandardGpuResources()
+            index = faiss.GpuIndexFlatL2(gpu, feats.shape[1])
             for s in range(0, len(feats), CHUNK):  # normalised block by block into GPU memory
-                self._index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
-            return self
-        # CPU: the normalised bank is written once into a preallocated array and searched in
-        # place by faiss's exact brute-force kernel (a flat index would copy it and grow its
-        # storage by doubling: twice the memory)
-        self._bank = np.empty(feats.shape, dtype=np.float32)
-        for s in range(0, len(feats), CHUNK):
-            self._bank[s : s + CHUNK] = l2_normalize(feats[s : s + CHUNK])
+                index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
+        else:
+            # CPU: the normalised bank is written once into a preallocated array and searched in
+            # place by faiss's exact brute-force kernel (a flat index would copy it and grow its
+            # storage by doubling: twice the memory)
+            bank = np.empty(feats.shape, dtype=np.float32)
+            for s in range(0, len(feats), CHUNK):
+                bank[s : s + CHUNK] = l2_normalize(feats[s : s + CHUNK])
+        self.bank_, self.index_, self.gpu_resources_ = bank, index, gpu
+        self.n_samples_fit_, self.n_features_in_ = len(feats), feats.shape[1]
         return self
 
     def score(self, views: Views) -> np.ndarray:
         import faiss
 
-        feats = views.features
+        feats = self._score_features(views)
+        self._check_k(self.n_samples_fit_)  # k is read at query time: it may have changed since fit
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
             q = np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK]))
-            if self._index is not None:
-                dist2, _ = self._index.search(q, self.k)
+            if self.index_ is not None:
+                dist2, _ = self.index_.search(q, self.k)
             else:
-                dist2, _ = faiss.knn(q, self._bank, self.k, metric=faiss.METRIC_L2)
+                dist2, _ = faiss.knn(q, self.bank_, self.k, metric=faiss.METRIC_L2)
             out[s : s + CHUNK] = -np.sqrt(np.maximum(dist2[:, -1], 0.0))
         return out
 
@@ -97,16 +122,21 @@ class Mahalanobis(FeatureDetector):
 
     Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples
     and Adversarial Attacks", NeurIPS 2018 (penultimate layer, no input preprocessing).
+
+    Learned by ``fit``: ``classes_`` (the labels seen), ``means_`` (C, D) the class means,
+    ``whiten_`` (D, r) with S^+ = whiten_ whiten_^T, ``n_features_in_``.
     """
 
     name = "mahalanobis"
-    _means: np.ndarray = field(default=None, init=False, repr=False, compare=False)
-    _whiten: np.ndarray = field(default=None, init=False, repr=False, compare=False)
 
     def fit(self, train: Views) -> "Mahalanobis":
         import scipy.linalg
 
-        feats, y = train.features, np.asarray(train.labels)
+        feats = self._fit_features(train)
+        y = np.asarray(self._array(train, "labels"))
+        if y.shape != (len(feats),):
+            raise OodensError(f"mahalanobis needs one label per ID training sample: got labels of shape {y.shape} "
+                              f"for {len(feats)} features")
         if (y < 0).any():
             raise OodensError("mahalanobis needs labelled ID training features (labels >= 0)")
         classes, idx, counts = np.unique(y, return_inverse=True, return_counts=True)
@@ -114,10 +144,10 @@ class Mahalanobis(FeatureDetector):
         sums = np.zeros((len(classes), d))
         for s in range(0, len(feats), CHUNK):  # two passes over the features in blocks: bounded memory
             np.add.at(sums, idx[s : s + CHUNK], np.asarray(feats[s : s + CHUNK], dtype=np.float64))
-        self._means = sums / counts[:, None]
+        means = sums / counts[:, None]
         scatter = np.zeros((d, d))
         for s in range(0, len(feats), CHUNK):
-            centred = np.asarray(feats[s : s + CHUNK], dtype=np.float64) - self._means[idx[s : s + CHUNK]]
+            centred = np.asarray(feats[s : s + CHUNK], dtype=np.float64) - means[idx[s : s + CHUNK]]
             scatter += centred.T @ centred
         scatter /= len(feats)
         # S^+ = W W^T with W = V_r diag(lambda_r^-1/2) over the eigenvalues above the pseudo-inverse
@@ -127,17 +157,19 @@ class Mahalanobis(FeatureDetector):
         del scatter
         keep = lam > 1e-15 * max(lam.max(), 0.0)
         vec *= 1.0 / np.sqrt(np.where(keep, lam, 1.0))
-        self._whiten = vec if keep.all() else np.ascontiguousarray(vec[:, keep])
+        self.classes_, self.means_ = classes, means
+        self.whiten_ = vec if keep.all() else np.ascontiguousarray(vec[:, keep])
+        self.n_features_in_ = d
         return self
 
     def score(self, views: Views) -> np.ndarray:
         """(h - mu_c)^T S^+ (h - mu_c) = |h W - mu_c W|^2, in blocks of queries."""
-        feats = views.features
-        mw = self._means @ self._whiten  # (C, r)
+        feats = self._score_features(views)
+        mw = self.means_ @ self.whiten_  # (C, r)
         mw2 = np.einsum("cr,cr->c", mw, mw)
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
-            hw = np.asarray(feats[s : s + CHUNK], dtype=np.float64) @ self._whiten
+            hw = np.asarray(feats[s : s + CHUNK], dtype=np.float64) @ self.whiten_
             d = np.einsum("nr,nr->n", hw, hw)[:, None] - 2.0 * hw @ mw.T + mw2[None, :]
             out[s : s + CHUNK] = -d.min(axis=1)
         return out

@@ -29,16 +29,23 @@ class GradNorm(LogitDetector):
     needs = ("logits", "features")
     temperature: float = param(1.0, "GradNorm temperature T")
 
+    def validate(self):
+        self._check_positive("temperature")
+        return self
+
     def _logit_factor(self, z: np.ndarray) -> np.ndarray:
         t = self.temperature
         p = softmax(z / t, axis=1)
         return np.abs(z.shape[1] * p - 1.0).sum(axis=1) / t
 
     def score(self, views: Views) -> np.ndarray:
-        h1 = np.abs(np.asarray(views.features, dtype=np.float64)).sum(axis=1)
-        return self._logit_factor(self.member_logits(views)) * h1
+        z = self.member_logits(views)
+        h1 = np.abs(np.asarray(self._matrix(views, "features"), dtype=np.float64)).sum(axis=1)
+        return self._logit_factor(z) * h1
 
     def score_mean_logits(self, z_mean, members, views):
         n = len(views)
-        h1 = np.mean([np.abs(np.asarray(v.features, dtype=np.float64)).sum(axis=1) for v in views], axis=0)
+        self.validate()
+        h1 = np.mean([np.abs(np.asarray(self._matrix(v, "features"), dtype=np.float64)).sum(axis=1) for v in views],
+                     axis=0)
         return self._logit_factor(z_mean) * h1 / n

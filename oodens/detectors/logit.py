@@ -29,8 +29,9 @@ class LogitDetector(Detector):
     strategies = ("mean-logits", "mean-scores")
 
     def member_logits(self, views: Views) -> np.ndarray:
-        """The logits this detector scores for one member."""
-        return np.asarray(views.logits, dtype=np.float64)
+        """The logits this detector scores for one member (hyperparameters validated first)."""
+        self.validate()
+        return np.asarray(self._matrix(views, "logits"), dtype=np.float64)
 
     def score_logits(self, z: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -86,6 +87,10 @@ class Energy(LogitDetector):
     name = "energy"
     temperature: float = param(1.0, "energy temperature T")
 
+    def validate(self):
+        self._check_positive("temperature")
+        return self
+
     def score_logits(self, z):
         t = self.temperature
         return t * logsumexp(z / t, axis=1)
@@ -123,11 +128,17 @@ class ODIN(LogitDetector):
     temperature: float = param(1000.0, "ODIN temperature T")
     eps: float = param(0.0014, "ODIN input perturbation (pixel scale; 0 = temperature scaling only)")
 
+    def validate(self):
+        self._check_positive("temperature")
+        self._check_nonnegative("eps")
+        return self
+
     def view_specs(self):
         return [ViewSpec.of("odin", temperature=float(self.temperature), eps=float(self.eps))]
 
     def member_logits(self, views):
-        return np.asarray(views.extra[self.view_specs()[0].id], dtype=np.float64)
+        self.validate()
+        return np.asarray(self._extra(views, self.view_specs()[0]), dtype=np.float64)
 
     def score_logits(self, z):
         return softmax(z / self.temperature, axis=1).max(axis=1)
@@ -148,11 +159,16 @@ class RankFeat(LogitDetector):
     name = "rankfeat"
     power_iters: int = param(0, "0 = exact SVD; N > 0 = N power iterations for the rank-1 part")
 
+    def validate(self):
+        self._check_int("power_iters", 0)
+        return self
+
     def view_specs(self):
         return [ViewSpec.of("rankfeat", power_iters=int(self.power_iters))]
 
     def member_logits(self, views):
-        return np.asarray(views.extra[self.view_specs()[0].id], dtype=np.float64)
+        self.validate()
+        return np.asarray(self._extra(views, self.view_specs()[0]), dtype=np.float64)
 
     def score_logits(self, z):
         return logsumexp(z, axis=1)

@@ -5,14 +5,14 @@ cached features and final layer, then the energy is taken. Default ensemble stra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
 
-from oodens.detectors.base import param, register_detector
+from oodens.detectors.base import check_is_fitted, param, register_detector
 from oodens.detectors.logit import LogitDetector
-from oodens.errors import OodensError
+from oodens.errors import ParameterError
 from oodens.views import Views
 
 
@@ -24,11 +24,6 @@ class ShapingDetector(LogitDetector):
 
     def score_logits(self, z):
         return logsumexp(z, axis=1)
-
-
-def _check_percentile(flag: str, p: float) -> None:
-    if not 0 <= p < 100:
-        raise OodensError(f"{flag} {p} is out of range: expected a percentile in [0, 100)")
 
 
 def dice_mask(feature_mean: np.ndarray, weight: np.ndarray, p: float) -> tuple[np.ndarray, float]:
@@ -46,24 +41,34 @@ class DICE(ShapingDetector):
 
     Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection",
     ECCV 2022. p = 90 (CIFAR), 70 (ImageNet).
+
+    Learned by ``fit``: ``mask_`` (C, D) and ``threshold_`` (the percentile), ``weight_`` = W * M
+    and ``bias_`` (the training views' final layer, which scoring uses), ``n_features_in_``.
     """
 
     name = "dice"
     needs_fit = True
     p: float = param(90.0, "DICE sparsity percentile p")
-    _weight: np.ndarray = field(default=None, init=False, repr=False, compare=False)
-    _bias: np.ndarray = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self):
+        self._check_percentile("p")
+        return self
 
     def fit(self, train: Views) -> "DICE":
-        _check_percentile("--dice-p", self.p)
-        mean = np.asarray(train.features, dtype=np.float64).mean(axis=0)
-        mask, _ = dice_mask(mean, train.weight, self.p)
-        self._weight = np.asarray(train.weight, dtype=np.float64) * mask
-        self._bias = np.asarray(train.bias, dtype=np.float64)
+        self.validate()
+        feats = self._matrix(train, "features")
+        w, b = self._head(train, feats.shape[1])
+        mask, threshold = dice_mask(np.asarray(feats, dtype=np.float64).mean(axis=0), w, self.p)
+        self.mask_, self.threshold_ = mask, threshold
+        self.weight_, self.bias_ = w * mask, b
+        self.n_features_in_ = feats.shape[1]
         return self
 
     def member_logits(self, views):
-        return np.asarray(views.features, dtype=np.float64) @ self._weight.T + self._bias
+        check_is_fitted(self)
+        self.validate()
+        h = self._matrix(views, "features", self.n_features_in_)
+        return np.asarray(h, dtype=np.float64) @ self.weight_.T + self.bias_
 
 
 @register_detector
@@ -73,21 +78,31 @@ class ReAct(ShapingDetector):
 
     Sun, Guo & Li, "ReAct: Out-of-distribution Detection With Rectified Activations",
     NeurIPS 2021. p = 90.
+
+    Learned by ``fit``: ``clip_`` (the threshold c), ``n_features_in_``.
     """
 
     name = "react"
     needs_fit = True
     p: float = param(90.0, "ReAct clipping percentile p")
-    _clip: float = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self):
+        self._check_percentile("p")
+        return self
 
     def fit(self, train: Views) -> "ReAct":
-        _check_percentile("--react-p", self.p)
-        self._clip = float(np.percentile(np.asarray(train.features, dtype=np.float64), self.p))
+        self.validate()
+        feats = self._matrix(train, "features")
+        self.clip_ = float(np.percentile(np.asarray(feats, dtype=np.float64), self.p))
+        self.n_features_in_ = feats.shape[1]
         return self
 
     def member_logits(self, views):
-        h = np.minimum(np.asarray(views.features, dtype=np.float64), self._clip)
-        return h @ np.asarray(views.weight, dtype=np.float64).T + np.asarray(views.bias, dtype=np.float64)
+        check_is_fitted(self)
+        self.validate()
+        h = np.minimum(np.asarray(self._matrix(views, "features", self.n_features_in_), dtype=np.float64), self.clip_)
+        w, b = self._head(views, h.shape[1])
+        return h @ w.T + b
 
 
 def ash_s(h: np.ndarray, p: float) -> np.ndarray:
@@ -97,7 +112,7 @@ def ash_s(h: np.ndarray, p: float) -> np.ndarray:
     d = h.shape[1]
     keep = d - int(np.round(d * p / 100.0))
     if keep <= 0:
-        raise OodensError(f"--ash-p {p} prunes every feature: expected p < {100 * (d - 0.5) / d:.2f} for D = {d}")
+        raise ParameterError("ash", "p", p, f"prunes every feature: expected p < {100 * (d - 0.5) / d:.2f} for D = {d}")
     idx = np.argpartition(-h, keep - 1, axis=1)[:, :keep]
     pruned = np.zeros_like(h)
     np.put_along_axis(pruned, idx, np.take_along_axis(h, idx, axis=1), axis=1)
@@ -118,6 +133,12 @@ class ASH(ShapingDetector):
     name = "ash"
     p: float = param(90.0, "ASH-S pruning percentile p")
 
+    def validate(self):
+        self._check_percentile("p")
+        return self
+
     def member_logits(self, views):
-        h = ash_s(views.features, self.p)
-        return h @ np.asarray(views.weight, dtype=np.float64).T + np.asarray(views.bias, dtype=np.float64)
+        self.validate()
+        h = ash_s(self._matrix(views, "features"), self.p)
+        w, b = self._head(views, h.shape[1])
+        return h @ w.T + b

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
 
-from oodens.detectors.base import Detector, param, register_detector
-from oodens.errors import OodensError
+from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
 from oodens.views import Views
 
 
@@ -26,6 +25,9 @@ class ViM(Detector):
 
     Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
     d = 1000 if D >= 1500, 512 if D >= 768, else D/2.
+
+    Learned by ``fit``: ``dim_`` (d used), ``u_`` (D,), ``ns_`` (D, D - d) a basis of the
+    complement, ``alpha_``, ``n_features_in_`` and ``n_logits_in_`` (the number of classes C).
     """
 
     name = "vim"
@@ -35,27 +37,41 @@ class ViM(Detector):
     strategies = ("mean-scores",)
     dim: int | None = param(None, "principal subspace dimension d (default: 1000 if D >= 1500, 512 if D >= 768, "
                                   "else D/2)")
-    _u: np.ndarray = field(default=None, init=False, repr=False, compare=False)
-    _ns: np.ndarray = field(default=None, init=False, repr=False, compare=False)
-    _alpha: float = field(default=None, init=False, repr=False, compare=False)
+
+    def validate(self):
+        if self.dim is not None:
+            self._check_int("dim", 1)
+        return self
 
     def fit(self, train: Views) -> "ViM":
-        h = np.asarray(train.features, dtype=np.float64)
+        self.validate()
+        h = np.asarray(self._matrix(train, "features"), dtype=np.float64)
         d_feat = h.shape[1]
-        d = vim_default_dim(d_feat) if self.dim is None else self.dim
-        if not 0 < d < d_feat:
-            raise OodensError(f"--vim-dim {d} is out of range: expected 1..{d_feat - 1} (feature size {d_feat})")
-        w, b = np.asarray(train.weight, dtype=np.float64), np.asarray(train.bias, dtype=np.float64)
-        self._u = -np.linalg.pinv(w) @ b
-        x = h - self._u
+        if self.dim is None:
+            d = vim_default_dim(d_feat)
+            if not 0 < d < d_feat:
+                raise self._param_error("dim", f"gives d = {d} for {d_feat}-d features: expected features of at "
+                                               f"least 2 dimensions")
+        elif not self.dim < d_feat:
+            raise self._param_error("dim", f"is out of range for {d_feat}-d features: expected 1..{d_feat - 1}")
+        else:
+            d = self.dim
+        w, b = self._head(train, d_feat)
+        z = np.asarray(self._matrix(train, "logits", w.shape[0]), dtype=np.float64)
+        u = -np.linalg.pinv(w) @ b
+        x = h - u
         eigvals, eigvecs = np.linalg.eigh(x.T @ x / len(x))
         order = np.argsort(eigvals)[::-1]
-        self._ns = eigvecs[:, order[d:]]
-        residual = np.linalg.norm(x @ self._ns, axis=1)
-        self._alpha = float(np.asarray(train.logits, dtype=np.float64).max(axis=1).mean() / residual.mean())
+        ns = eigvecs[:, order[d:]]
+        residual = np.linalg.norm(x @ ns, axis=1)
+        self.dim_, self.u_, self.ns_ = d, u, ns
+        self.alpha_ = float(z.max(axis=1).mean() / residual.mean())
+        self.n_features_in_, self.n_logits_in_ = d_feat, z.shape[1]
         return self
 
     def score(self, views: Views) -> np.ndarray:
-        h = np.asarray(views.features, dtype=np.float64)
-        residual = np.linalg.norm((h - self._u) @ self._ns, axis=1)
-        return logsumexp(np.asarray(views.logits, dtype=np.float64), axis=1) - self._alpha * residual
+        check_is_fitted(self)
+        h = np.asarray(self._matrix(views, "features", self.n_features_in_), dtype=np.float64)
+        z = np.asarray(self._matrix(views, "logits", self.n_logits_in_), dtype=np.float64)
+        residual = np.linalg.norm((h - self.u_) @ self.ns_, axis=1)
+        return logsumexp(z, axis=1) - self.alpha_ * residual

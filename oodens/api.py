@@ -1,0 +1,426 @@
+"""The public API: what a notebook and every ``oodens`` command call.
+
+    import oodens
+    exp = oodens.Experiment(oodens.load_modes("save/CIFAR10/R18"),
+                            oodens.get_benchmark("cifar10", data_root="/data", ood=["SVHN", "Texture"]))
+    res = exp.evaluate(["msp", "energy", oodens.detectors.KNN(k=50)], ensemble_sizes="all")
+    res.frame()          # tidy DataFrame, one row per record and metric
+    res.table("fpr95")   # the papers' wide table
+    res.save()           # into the results store that `oodens report` reads
+    v = exp.views()      # v["seed-1000"].test.logits ... (extracted once, cached)
+
+The flow: :func:`load_modes` (checkpoints -> modes), :func:`get_benchmark` (ID splits + OOD sets),
+:class:`Experiment` (extraction -> views -> detectors -> ensemble -> metrics) and :class:`Results`
+(records -> frame, tables, store). Errors are :class:`oodens.errors.OodensError` naming the culprit
+and the parameter (``fit_fraction=2 ...``); the command line turns parameter names into its flags.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, Union
+
+import numpy as np
+
+from oodens.data import Benchmark, DataSource
+from oodens.data import get_benchmark as _registered_benchmark
+from oodens.data import data_root as _resolve_root
+from oodens.data import get_preset, source_from_path
+from oodens.detectors import DETECTORS, Detector, get_detector
+from oodens.errors import OodensError, ParameterError
+from oodens.evaluate import DetectorRun, MemberSet, Sweep, evaluate_detector, id_quality
+from oodens.metrics import POSITIVES
+from oodens.modes import Mode, ModeFlags, discover_modes
+from oodens.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
+from oodens.views import Views, ViewCache
+
+
+class OodensWarning(UserWarning):
+    """Something skipped that the user may want to know about (an OOD set not on disk, a detector that
+    does not apply to these modes)."""
+
+
+# --------------------------------------------------------------------------- modes
+
+
+@dataclass
+class ModeSet:
+    """The modes (one checkpoint per seed) found in one folder: a sequence of :class:`oodens.modes.Mode`."""
+
+    path: Path
+    modes: list[Mode]
+
+    def __iter__(self):
+        return iter(self.modes)
+
+    def __len__(self) -> int:
+        return len(self.modes)
+
+    def __getitem__(self, key: int | str) -> Mode:
+        if isinstance(key, str):
+            for m in self.modes:
+                if m.name == key:
+                    return m
+            raise KeyError(f"no mode {key!r} in {self.path}: expected one of {', '.join(self.names)}")
+        return self.modes[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.modes]
+
+    @property
+    def arch(self) -> str:
+        return self.modes[0].arch
+
+    @property
+    def dataset(self) -> str:
+        return self.modes[0].dataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.modes[0].num_classes
+
+    @property
+    def shipped(self) -> bool:
+        return self.path.resolve() == shipped_modes_dir().resolve()
+
+
+def load_modes(path: str | Path | None = None, *, arch: str | None = None, num_classes: int | None = None,
+               preset: str | None = None, dataset: str | None = None) -> ModeSet:
+    """Every mode in a mode-set folder (default: the shipped digits modes). What each mode is comes from
+    its ``oodens.json`` sidecar, else its path (``save/<Dataset>/<Arch>/<mode>``), else these arguments;
+    an argument that contradicts the sidecar or path is an error. ``preset`` overrides the preprocessing."""
+    if preset is not None:
+        get_preset(preset)
+    root = Path(path) if path is not None else shipped_modes_dir()
+    return ModeSet(root, discover_modes(root, ModeFlags(arch, num_classes, preset, dataset)))
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def get_benchmark(name: str, data_root: str | Path | None = None, *, ood: Sequence[str] | None = None,
+                  imglist: Iterable[str | Path] = (), imglist_root: str | Path | None = None,
+                  corruptions: str | None = None) -> Benchmark:
+    """A registered benchmark (``oodens.BENCHMARKS``) with the OOD sets to evaluate.
+
+    ``ood``: names of the benchmark's OOD sets to use (case-insensitive; default every set on disk, with
+    one :class:`OodensWarning` naming the sets that are missing) and/or ``NAME=PATH`` entries adding a set
+    (an image folder, an OpenOOD image list ``.txt`` or a ``.mat``); ``imglist``: OpenOOD image lists
+    added as sets named after their files; ``corruptions``: covariate-shift copies of the ID test split
+    (``"all"`` or ``"NAME[:SEVERITY],..."``). ``data_root`` defaults to ``$OODENS_DATA``, else the config file.
+    """
+    root = _resolve_root(Path(data_root) if data_root is not None else None)
+    bench = _registered_benchmark(name, root)
+    rel_root = Path(imglist_root) if imglist_root is not None else root
+    by_lower = {n.lower(): n for n in [*bench.ood_factories, *bench.missing]}
+    selected, added = [], []
+    for entry in (str(e).strip() for e in (ood or []) if str(e).strip()):
+        set_name, eq, path = entry.partition("=")
+        if eq:
+            bench.add_ood(set_name, source_from_path(set_name, Path(path), rel_root))
+            added.append(set_name)
+        else:
+            selected.append(by_lower.get(set_name.lower(), set_name))
+    for lst in imglist:
+        stem = Path(lst).stem
+        bench.add_ood(stem, source_from_path(stem, Path(lst), rel_root))
+        added.append(stem)
+    before = set(bench.ood_factories)
+    bench.add_corruptions(corruptions)
+    added += [n for n in bench.ood_factories if n not in before]
+    if not selected and bench.missing:
+        warnings.warn("OOD sets not on disk, skipped: " + "; ".join(f"{n} (expected {p})"
+                                                                    for n, p in bench.missing.items()),
+                      OodensWarning, stacklevel=2)
+    chosen = list(bench.select_ood(selected + added if selected else None))
+    bench.ood_factories = {n: bench.ood_factories[n] for n in chosen}
+    return bench
+
+
+# --------------------------------------------------------------------------- views
+
+
+@dataclass
+class ModeViews:
+    """One mode's views: ``train`` (None until a detector needs it), ``test`` and ``ood[set]``."""
+
+    train: Views | None
+    test: Views
+    ood: dict[str, Views]
+
+
+DetectorLike = Union[str, Detector, type]
+
+
+def make_detector(spec: DetectorLike) -> Detector:
+    """A detector instance from a registry name (default hyperparameters), a class or an instance."""
+    if isinstance(spec, Detector):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Detector):
+        return spec()
+    if isinstance(spec, str):
+        return get_detector(spec)()
+    raise OodensError(f"detector {spec!r}: expected a registry name (one of {', '.join(DETECTORS)}), a Detector "
+                      "class or a Detector instance")
+
+
+def detector_list(detectors: DetectorLike | Sequence[DetectorLike]) -> list[Detector]:
+    """``"msp"``, ``"msp,knn"``, ``"all"``, a detector, or a list of them -> validated instances, in order."""
+    if isinstance(detectors, str):
+        names = [s.strip() for s in detectors.split(",") if s.strip()]
+        if not names:
+            raise OodensError("no detector given: expected a detector name, a comma-separated list, or 'all'")
+        detectors = list(DETECTORS) if names == ["all"] else list(dict.fromkeys(names))
+    elif not isinstance(detectors, (list, tuple)):
+        detectors = [detectors]
+    out = [make_detector(d) for d in detectors]
+    for d in out:
+        d.validate()
+    return out
+
+
+def parse_ensemble_sizes(spec: int | str | Sequence[int] | None, n: int) -> list[int]:
+    """``None``, ``k``, ``"a,b"``, ``[a, b]`` or ``"all"`` -> sorted sizes in 1..n."""
+    if spec is None or spec == "" or spec == []:
+        return []
+    if isinstance(spec, str) and spec.strip() == "all":
+        return list(range(1, n + 1))
+    try:
+        sizes = [int(s) for s in spec.split(",") if s.strip()] if isinstance(spec, str) else \
+            [int(spec)] if isinstance(spec, (int, np.integer)) else [int(s) for s in spec]
+    except (TypeError, ValueError):
+        raise ParameterError("experiment", "ensemble_sizes", spec, "is not k, a list of k, or 'all'") from None
+    if not sizes or any(not 1 <= k <= n for k in sizes):
+        raise ParameterError("experiment", "ensemble_sizes", spec, f"is out of range: expected sizes in 1..{n} "
+                             "(the number of modes)")
+    return sorted(set(sizes))
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+class Experiment:
+    """A mode set on a benchmark: extracts each view once (cached) and scores detectors on them.
+
+    ``modes``: a :class:`ModeSet`, a folder, or None for the shipped digits modes; ``benchmark``: a
+    :class:`Benchmark` from :func:`get_benchmark`, a registered name, or None for the modes' dataset.
+    ``cache_dir`` (default ``$OODENS_CACHE``, else ``$XDG_CACHE_HOME/oodens``) holds the views;
+    ``fit_fraction`` fits detectors on a seeded fraction of the ID training split; the rest sets how the
+    networks run (``precision`` is part of the cache key; ``channels_last`` and ``compile`` change speed only).
+    """
+
+    def __init__(self, modes: ModeSet | str | Path | None = None, benchmark: Benchmark | str | None = None, *,
+                 cache_dir: str | Path | None = None, device: str = "auto", fit_fraction: float = 1.0,
+                 batch_size: int = 256, workers: int = 0, precision: str = "fp32", channels_last: bool = False,
+                 compile: bool = False):
+        if not 0 < fit_fraction <= 1:
+            raise ParameterError("experiment", "fit_fraction", fit_fraction, "is not a fraction in (0, 1]")
+        if batch_size < 1:
+            raise ParameterError("experiment", "batch_size", batch_size, "is not a positive integer")
+        self.modes = modes if isinstance(modes, ModeSet) else load_modes(modes)
+        self.benchmark = benchmark if isinstance(benchmark, Benchmark) else \
+            get_benchmark(benchmark or self.modes.dataset)
+        if self.benchmark.num_classes != self.modes.num_classes:
+            raise OodensError(f"modes in {self.modes.path} have {self.modes.num_classes} classes but benchmark "
+                              f"{self.benchmark.name!r} has {self.benchmark.num_classes}: expected modes trained "
+                              f"on {self.benchmark.name}")
+        self.cache = ViewCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        self.fit_fraction = fit_fraction
+        self.run_options = {"batch_size": batch_size, "device": device, "workers": workers, "precision": precision,
+                            "channels_last": channels_last, "compile": compile}
+        self._train: DataSource | None = None
+
+    # ---- data
+    @property
+    def oods(self) -> dict[str, DataSource]:
+        return self.benchmark.ood
+
+    @property
+    def train_source(self) -> DataSource:
+        """The ID training split detectors fit on (a seeded subsample with ``fit_fraction`` < 1); built on
+        first use, so runs whose detectors fit nothing never list the training split."""
+        if self._train is None:
+            from oodens.data.sources import SubsetSource
+
+            full = self.benchmark.id_train
+            self._train = full if self.fit_fraction >= 1 else SubsetSource(full, self.fit_fraction)
+        return self._train
+
+    def sources(self, train: bool = True) -> list[DataSource]:
+        return [*([self.train_source] if train else []), self.benchmark.id_test, *self.oods.values()]
+
+    # ---- extraction -> views
+    def extract(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *, train: bool = True,
+                distributed: bool = False, on_progress: Callable | None = None):
+        """Make sure every view these detectors read is cached (one forward pass per mode and split) and
+        return the :class:`oodens.extract.Extraction`. ``distributed``: under torchrun, ranks share each
+        pass and rank 0 writes (the others get ``None``)."""
+        from oodens.extract import extract as run_extract
+
+        dets = detector_list(detectors) if detectors else []
+        specs = [s for d in dets for s in d.view_specs()]
+        kw = dict(specs=specs, base_only=[self.train_source] if train else [], **self.run_options)
+        if not distributed:
+            return run_extract(list(self.modes), self.sources(train), self.cache, **kw)
+        from oodens.distributed import process_group
+
+        with process_group(self.run_options["device"]) as (ctx, dev):
+            ex = run_extract(list(self.modes), self.sources(train), self.cache, **{**kw, "device": dev})
+        return ex if ctx.is_main else None
+
+    def views(self, detectors: DetectorLike | Sequence[DetectorLike] = ()) -> dict[str, ModeViews]:
+        """Each mode's views (memory-mapped from the cache, extracted on first use): logits, features,
+        labels of the ID train and test splits and every OOD set, plus what ``detectors`` ask for."""
+        ex = self.extract(detectors)
+        return {m.name: ModeViews(ex.get(m.name, self.train_source), ex.get(m.name, self.benchmark.id_test),
+                                  {o: ex.get(m.name, s) for o, s in self.oods.items()}) for m in self.modes}
+
+    def member_set(self, ex, train: bool) -> MemberSet:
+        names = self.modes.names
+        return MemberSet(names, [ex.get(m, self.train_source) if train else None for m in names],
+                         [ex.get(m, self.benchmark.id_test) for m in names],
+                         {o: [ex.get(m, s) for m in names] for o, s in self.oods.items()},
+                         {o: self.benchmark.kinds.get(o, "semantic") for o in self.oods})
+
+    # ---- detectors -> ensemble -> metrics
+    def applicable(self, detectors: list[Detector], strict: bool) -> list[Detector]:
+        """The detectors that apply to these modes; one that does not is an error when ``strict``, else
+        skipped with an :class:`OodensWarning` (how ``"all"`` behaves)."""
+        members = [{**m.sidecar, "name": m.name} for m in self.modes]
+        keep = []
+        for d in detectors:
+            why = d.applies_to(members)
+            if why is None:
+                keep.append(d)
+            elif strict:
+                raise OodensError(why)
+            else:
+                warnings.warn(f"skipping {d.name}: {why}", OodensWarning, stacklevel=3)
+        return keep
+
+    def evaluate(self, detectors: DetectorLike | Sequence[DetectorLike] = "msp", *, strategy: str | None = None,
+                 positive: str = "id", ensemble_sizes: int | str | Sequence[int] | None = None,
+                 max_subsets: int = 100, subset_seed: int = 0, skip_inapplicable: bool | None = None) -> "Results":
+        """Score each detector per mode and as a mode ensemble on every OOD set; returns :class:`Results`.
+
+        ``detectors``: names, ``"all"`` (every detector that applies; others skipped with a warning),
+        classes or instances (their hyperparameters). ``strategy``: the ensemble strategy (default each
+        detector's own; with several detectors it applies where it fits). ``positive``: ``"id"`` (the
+        papers') or ``"ood"`` (OpenOOD's FPR95). ``ensemble_sizes``: also score every k-of-N subset of the
+        modes (k, a list, or ``"all"``), at most ``max_subsets`` per k (a seeded sample).
+        ``skip_inapplicable``: skip (with a warning) detectors that do not apply to these modes instead of
+        raising (default: only for ``"all"``)."""
+        from oodens.strategies import STRATEGIES, resolve_strategy
+
+        if positive not in POSITIVES:
+            raise ParameterError("experiment", "positive", positive, f"is not one of {', '.join(POSITIVES)}")
+        if max_subsets < 1:
+            raise ParameterError("experiment", "max_subsets", max_subsets, "is not a positive integer")
+        if skip_inapplicable is None:
+            skip_inapplicable = isinstance(detectors, str) and detectors.strip() == "all"
+        strict = not skip_inapplicable
+        dets = detector_list(detectors)
+        if strategy is not None:
+            if strategy not in STRATEGIES:
+                raise OodensError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+            for d in dets if strict else []:
+                resolve_strategy(type(d), strategy)
+        sweep = Sweep(parse_ensemble_sizes(ensemble_sizes, len(self.modes)), max_subsets, subset_seed)
+        dets = self.applicable(dets, strict)
+        need_train = any(d.needs_fit for d in dets)
+        ex = self.extract(dets, train=need_train)
+        sets = self.member_set(ex, need_train)
+        quality = id_quality(sets)  # once per mode set, shared by every detector's records
+        runs = []
+        for d in dets:
+            run = evaluate_detector(d, sets, strategy if strategy in d.strategies else None, positive, sweep, quality)
+            settings = {**self.settings(), "detector": d.name, "strategy": run.strategy, "params": run.params,
+                        "positive": positive, "ood_sets": list(self.oods), "ensemble_sizes": sweep.sizes,
+                        "max_subsets": max_subsets, "subset_seed": subset_seed,
+                        "leave_out": sets.leave_out}
+            runs.append(Run(settings, [{"benchmark": self.benchmark.name, **r} for r in run.records], run))
+        return Results(runs, extraction={"computed": ex.computed, "cached": ex.cached, "cache": str(self.cache.root)})
+
+    def settings(self) -> dict:
+        """What identifies this experiment in the results store."""
+        return {"benchmark": self.benchmark.name, "modes": str(self.modes.path.resolve()), "arch": self.modes.arch,
+                "checkpoints": {m.name: m.sha256 for m in self.modes}, "preset": self.modes[0].preset,
+                "fit_fraction": self.fit_fraction, "precision": self.run_options["precision"]}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Run:
+    """One detector x strategy on one experiment: its settings, records, and the per-sample scores."""
+
+    settings: dict
+    records: list[dict]
+    detector_run: DetectorRun = field(repr=False)
+
+    @property
+    def scores(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.detector_run.scores
+
+
+@dataclass
+class Results:
+    """What :meth:`Experiment.evaluate` returns: one :class:`Run` per detector."""
+
+    runs: list[Run]
+    extraction: dict = field(default_factory=dict)
+
+    @property
+    def records(self) -> list[dict]:
+        """Every record (flat dicts, values as fractions), as ``oodens eval --json`` prints them."""
+        return [r for run in self.runs for r in run.records]
+
+    def frame(self, metrics: Sequence[str] | None = None):
+        """Tidy DataFrame, one row per record and metric: benchmark, detector, strategy, member, role, k,
+        stat, ood, kind, metric, value (and the settings that tell runs apart)."""
+        from oodens.results import records_frame, tidy
+
+        return tidy(records_frame(self._stored_records()), metrics)
+
+    def wide(self):
+        """One row per record, one column per metric."""
+        from oodens.results import records_frame
+
+        return records_frame(self._stored_records())
+
+    def table(self, metric: str = "fpr95", oods: Sequence[str] | None = None):
+        """The papers' wide table for one metric (rows detector x member, columns OOD sets): a
+        :class:`oodens.report.Table` (``.frame`` holds the cells; prints as Markdown, renders in notebooks)."""
+        from oodens.report import ood_tables
+
+        tables = ood_tables(self.wide(), [metric], list(oods) if oods else None)
+        if len(tables) != 1:
+            raise OodensError(f"no {metric} table for these results")
+        return tables[0]
+
+    def save(self, results_dir: str | Path | None = None) -> list[Path]:
+        """Store every run in the results store (default ``$OODENS_RESULTS``, else
+        ``$XDG_DATA_HOME/oodens/results``), replacing an earlier run of the same settings."""
+        from oodens.results import save_run
+
+        root = Path(results_dir) if results_dir is not None else default_results_dir()
+        return [save_run(root, run.settings, run.records) for run in self.runs]
+
+    def save_scores(self, folder: str | Path) -> None:
+        """Per-sample scores as ``folder/<detector>-<strategy>/<member>/<dataset>.npy`` (the ID test split
+        under the benchmark's name), for ``oodens report --scores``."""
+        for run in self.runs:
+            bench = run.settings["benchmark"]
+            for member, by_set in run.scores.items():
+                out = Path(folder) / f"{run.settings['detector']}-{run.settings['strategy']}" / member
+                out.mkdir(parents=True, exist_ok=True)
+                for dataset, s in by_set.items():
+                    name = bench if dataset == "id" else safe_name(dataset)
+                    np.save(out / f"{name}.npy", np.asarray(s), allow_pickle=False)
+
+    def _stored_records(self) -> list[dict]:
+        return [{**run.settings, **r} for run in self.runs for r in run.records]

@@ -1,0 +1,103 @@
+"""``oodens eval``: :meth:`oodens.Experiment.evaluate`, printed and stored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from oodens.cli.options import (ArchOpt, BatchOpt, BenchOpt, CacheOpt, ChannelsLastOpt, ClassesOpt, CompileOpt,
+                                CorruptOpt, DeviceOpt, FitOpt, ImglistOpt, ImglistRootOpt, ModesOpt, OodOpt,
+                                PrecisionOpt, PresetOpt, ResultsOpt, RootOpt, WorkersOpt, experiment, names, stderr,
+                                stdout, warnings_to_stderr, with_detector_options)
+from oodens.detectors import DETECTORS
+
+
+def _detectors(spec: str, flags: dict) -> list:
+    """``--detector`` (a name, a comma list or 'all') -> instances with their ``--<detector>-<param>`` values."""
+    from oodens.api import detector_list
+
+    wanted = names(spec)
+    picked = list(DETECTORS) if wanted == ["all"] else wanted
+    detector_list(",".join(picked))  # validates the names (one-line error naming an unknown one)
+    dets = [DETECTORS[n](**{f.name: flags[f"{n}_{f.name}"] for f in DETECTORS[n].params()})
+            for n in dict.fromkeys(picked)]
+    for d in dets:
+        d.validate()
+    return dets
+
+
+def eval_cmd(
+    modes_dir: Optional[Path] = ModesOpt,
+    detector: str = typer.Option("msp", "--detector", help=f"Detector, comma list or 'all': {', '.join(DETECTORS)}."),
+    ood: Optional[str] = OodOpt,
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Ensemble strategy (default: the detector's "
+                                           "own: mean-logits for logit detectors, concat for knn/mahalanobis).",
+                                           show_default=False),
+    positive: str = typer.Option("id", "--positive", help="Metric convention: id (papers') or ood (OpenOOD)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the records as JSON instead of tables."),
+    summary: bool = typer.Option(False, "--summary", help="Print one row per detector (OOD average: modes' "
+                                 "mean ± std vs ensemble) instead of the full tables."),
+    save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Write per-sample scores to "
+                                               "DIR/<detector>-<strategy>/<member>/<dataset>.npy.",
+                                               show_default=False),
+    benchmark: Optional[str] = BenchOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    results: Optional[Path] = ResultsOpt,
+    ensemble_size: Optional[str] = typer.Option(None, "--ensemble-size", help="Also score every k-of-N subset of "
+                                                "the modes (k, a comma list, or 'all' for 1..N) and report mean ± std "
+                                                "over subsets.", show_default=False),
+    max_subsets: int = typer.Option(100, "--max-subsets", min=1, help="Most subsets per k (a seeded sample when "
+                                    "there are more)."),
+    subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset sample."),
+    arch: Optional[str] = ArchOpt,
+    num_classes: Optional[int] = ClassesOpt,
+    preset: Optional[str] = PresetOpt,
+    data_root: Optional[Path] = RootOpt,
+    imglist: Optional[list[Path]] = ImglistOpt,
+    imglist_root: Optional[Path] = ImglistRootOpt,
+    corruptions: Optional[str] = CorruptOpt,
+    fit_fraction: float = FitOpt,
+    batch_size: int = BatchOpt,
+    workers: int = WorkersOpt,
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    channels_last: bool = ChannelsLastOpt,
+    compile: bool = CompileOpt,
+    **detector_params,
+):
+    """Score detectors per mode and as a mode ensemble on every OOD set: per-mode rows, mean ± std, ensemble.
+
+    Views come from the cache (extracted once per mode and dataset); the records are also stored for
+    `oodens report`.
+    """
+    from oodens.paths import default_results_dir
+    from oodens.report import detector_tables, render_rich, summary_table
+
+    dets = _detectors(detector, detector_params)  # hyperparameters checked before any work
+    with warnings_to_stderr():
+        exp = experiment(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
+                         corruptions, fit_fraction, cache_dir, batch_size, workers, device, precision, channels_last,
+                         compile)
+        res = exp.evaluate(dets, strategy=strategy, positive=positive, ensemble_sizes=ensemble_size,
+                           max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"])
+    stderr.print(f"views: {res.extraction['computed']} extracted, {res.extraction['cached']} from cache "
+                 f"({res.extraction['cache']})")
+    results_dir = results or default_results_dir()
+    res.save(results_dir)
+    if save_scores:
+        res.save_scores(save_scores)
+    if as_json:
+        print(json.dumps(res.records, indent=2))
+    else:
+        stdout.print(f"[bold]{exp.benchmark.name}[/] · {len(exp.modes)} modes of {exp.modes.arch} from "
+                     f"{exp.modes.path.resolve()}")
+        frame = res.wide()
+        for table in [summary_table(frame)] if summary else detector_tables(frame):
+            stdout.print(render_rich(table))
+    stderr.print(f"results stored in {results_dir}")
+
+
+eval_cmd = with_detector_options(eval_cmd)

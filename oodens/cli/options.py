@@ -1,0 +1,140 @@
+"""Options shared by several commands, the consoles, and the flags -> library objects glue."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from oodens.progress import stderr, stdout  # noqa: F401  (the commands' consoles)
+
+ModesOpt = typer.Option(None, "--modes", help="Folder of modes (seed-*/checkpoint). Default: the shipped digits modes.",
+                        show_default=False)
+BenchOpt = typer.Option(None, "--benchmark", help="Benchmark to evaluate on. Default: the modes' training dataset.",
+                        show_default=False)
+CacheOpt = typer.Option(None, "--cache-dir", envvar="OODENS_CACHE",
+                        help="View cache folder. Default: $XDG_CACHE_HOME/oodens.", show_default=False)
+ResultsOpt = typer.Option(None, "--results", envvar="OODENS_RESULTS", help="Results store folder. Default: "
+                          "$XDG_DATA_HOME/oodens/results.", show_default=False)
+BatchOpt = typer.Option(256, "--batch-size", min=1, help="Extraction batch size.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DATA = "Modes and data"
+ArchOpt = typer.Option(None, "--arch", help="Architecture of the modes when neither sidecar nor path says.",
+                       show_default=False, rich_help_panel=DATA)
+ClassesOpt = typer.Option(None, "--num-classes", help="Class count when neither sidecar nor path says.",
+                          show_default=False, rich_help_panel=DATA)
+PresetOpt = typer.Option(None, "--preset", help="Preprocessing preset (digits, cifar, cifar-dice, cifar-eloc, "
+                         "imagenet); overrides the modes'.", show_default=False, rich_help_panel=DATA)
+RootOpt = typer.Option(None, "--data-root", help="Dataset root (else $OODENS_DATA, else data_root in "
+                       "$XDG_CONFIG_HOME/oodens/config.toml).", show_default=False, rich_help_panel=DATA)
+OodOpt = typer.Option(None, "--ood", help="Comma list of the benchmark's OOD sets to use (default: all present), "
+                      "and/or NAME=PATH for another set (image folder, OpenOOD image list .txt, or .mat).",
+                      show_default=False, rich_help_panel=DATA)
+ImglistOpt = typer.Option(None, "--imglist", help="An OpenOOD image list (\"relative/path label\" lines) to use "
+                          "as an OOD set named after the file; repeatable.", show_default=False,
+                          rich_help_panel=DATA)
+ImglistRootOpt = typer.Option(None, "--imglist-root", help="Folder the image-list paths are relative to "
+                              "(default: the data root, else the list's folder).", show_default=False,
+                              rich_help_panel=DATA)
+CorruptOpt = typer.Option(None, "--corruptions", help="Covariate-shift sets: corrupted ID test copies, 'all' or "
+                          "a comma list of NAME or NAME:SEVERITY (gaussian_noise, shot_noise, impulse_noise, "
+                          "gaussian_blur, brightness, contrast, pixelate, jpeg; severities 1-5).",
+                          show_default=False, rich_help_panel=DATA)
+FitOpt = typer.Option(1.0, "--fit-fraction", help="Seeded fraction of the ID training split used to fit "
+                      "knn/mahalanobis/dice/react/vim.", rich_help_panel=DATA)
+WorkersOpt = typer.Option(0, "--workers", min=0, help="DataLoader worker processes for extraction.")
+PrecisionOpt = typer.Option("fp32", "--precision", help="Forward-pass precision: fp32, bf16 or fp16 (autocast); "
+                            "part of the view cache key.")
+ChannelsLastOpt = typer.Option(False, "--channels-last", help="Run the network in channels_last memory format.")
+CompileOpt = typer.Option(False, "--compile", help="torch.compile the network for extraction.")
+
+
+def names(spec: Optional[str]) -> list[str]:
+    """A comma list -> its stripped, non-empty items."""
+    return [s.strip() for s in (spec or "").split(",") if s.strip()]
+
+
+def experiment(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
+               corruptions, fit_fraction, cache_dir, batch_size=256, workers=0, device="auto", precision="fp32",
+               channels_last=False, compile=False):
+    """The :class:`oodens.Experiment` the data flags describe."""
+    from oodens.api import Experiment, get_benchmark, load_modes
+    from oodens.data import BENCHMARKS
+    from oodens.errors import OodensError, ParameterError
+
+    if benchmark is not None and benchmark.lower() not in BENCHMARKS:
+        raise OodensError(f"unknown benchmark {benchmark!r}: expected one of {', '.join(BENCHMARKS)}")
+    if not 0 < fit_fraction <= 1:  # before any work (the library checks it again)
+        raise ParameterError("experiment", "fit_fraction", fit_fraction, "is not a fraction in (0, 1]")
+    modes = load_modes(modes_dir, arch=arch, num_classes=num_classes, preset=preset, dataset=benchmark)
+    bench = get_benchmark(benchmark or modes.dataset, data_root, ood=names(ood), imglist=imglist or [],
+                          imglist_root=imglist_root, corruptions=corruptions)
+    return Experiment(modes, bench, cache_dir=cache_dir, device=device, fit_fraction=fit_fraction,
+                      batch_size=batch_size, workers=workers, precision=precision, channels_last=channels_last,
+                      compile=compile)
+
+
+@contextmanager
+def warnings_to_stderr():
+    """The library's :class:`OodensWarning` s as one ``warning:`` line each on stderr."""
+    from oodens.api import OodensWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, OodensWarning):
+            stderr.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", OodensWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = previous
+
+
+def with_detector_options(func):
+    """Add ``--<detector>-<param>`` options for every registered detector hyperparameter."""
+    from oodens.detectors import DETECTORS
+
+    sig = inspect.signature(func)
+    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    extra = []
+    for cls in DETECTORS.values():
+        hints = typing.get_type_hints(cls)
+        for f in cls.params():
+            extra.append(inspect.Parameter(
+                f"{cls.name}_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                default=typer.Option(f.default, detector_flag(cls.name, f.name), help=f.metadata.get("help", ""),
+                                     rich_help_panel="Detector hyperparameters"),
+            ))
+    func.__signature__ = sig.replace(parameters=fixed + extra)
+    return func
+
+
+def detector_flag(detector: str, param: str) -> str:
+    return f"--{detector}-{param.replace('_', '-')}"
+
+
+def flag_of(owner: str, param: str) -> Optional[str]:
+    """The command-line flag of a library parameter: ``--<detector>-<param>`` for a detector's
+    hyperparameter, ``--<param>`` for an experiment's (``fit_fraction`` -> ``--fit-fraction``)."""
+    from oodens.detectors import DETECTORS
+
+    if owner in DETECTORS and param in {f.name for f in DETECTORS[owner].params()}:
+        return detector_flag(owner, param)
+    if owner == "experiment":
+        return {"ensemble_sizes": "--ensemble-size"}.get(param, f"--{param.replace('_', '-')}")
+    return None
+
+
+def resolve_path(p: Optional[Path]) -> Optional[Path]:
+    return Path(p) if p is not None else None
