@@ -8,10 +8,8 @@ from typing import Optional
 
 import typer
 
-from oodens.cli.options import (ArchOpt, BatchOpt, BenchOpt, CacheOpt, ChannelsLastOpt, ClassesOpt, CompileOpt,
-                                CorruptOpt, DeviceOpt, FitOpt, ImglistOpt, ImglistRootOpt, ModesOpt, OodOpt,
-                                PrecisionOpt, PresetOpt, ResultsOpt, RootOpt, WorkersOpt, experiment, names, stderr,
-                                stdout, warnings_to_stderr, with_detector_options)
+from oodens.cli.options import (ResultsOpt, experiment, names, stderr, stdout, warnings_to_stderr,
+                                with_detector_options, with_experiment_options)
 from oodens.detectors import DETECTORS
 
 
@@ -30,9 +28,7 @@ def _detectors(spec: str, flags: dict) -> list:
 
 
 def eval_cmd(
-    modes_dir: Optional[Path] = ModesOpt,
     detector: str = typer.Option("msp", "--detector", help=f"Detector, comma list or 'all': {', '.join(DETECTORS)}."),
-    ood: Optional[str] = OodOpt,
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Ensemble strategy (default: the detector's "
                                            "own: mean-logits for logit detectors, concat for knn/mahalanobis).",
                                            show_default=False),
@@ -43,8 +39,6 @@ def eval_cmd(
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Write per-sample scores to "
                                                "DIR/<detector>-<strategy>/<member>/<dataset>.npy.",
                                                show_default=False),
-    benchmark: Optional[str] = BenchOpt,
-    cache_dir: Optional[Path] = CacheOpt,
     results: Optional[Path] = ResultsOpt,
     ensemble_size: Optional[str] = typer.Option(None, "--ensemble-size", help="Also score every k-of-N subset of "
                                                 "the modes (k, a comma list, or 'all' for 1..N) and report mean ± std "
@@ -52,21 +46,7 @@ def eval_cmd(
     max_subsets: int = typer.Option(100, "--max-subsets", min=1, help="Most subsets per k (a seeded sample when "
                                     "there are more)."),
     subset_seed: int = typer.Option(0, "--subset-seed", help="Seed of the subset sample."),
-    arch: Optional[str] = ArchOpt,
-    num_classes: Optional[int] = ClassesOpt,
-    preset: Optional[str] = PresetOpt,
-    data_root: Optional[Path] = RootOpt,
-    imglist: Optional[list[Path]] = ImglistOpt,
-    imglist_root: Optional[Path] = ImglistRootOpt,
-    corruptions: Optional[str] = CorruptOpt,
-    fit_fraction: float = FitOpt,
-    batch_size: int = BatchOpt,
-    workers: int = WorkersOpt,
-    device: str = DeviceOpt,
-    precision: str = PrecisionOpt,
-    channels_last: bool = ChannelsLastOpt,
-    compile: bool = CompileOpt,
-    **detector_params,
+    **options,
 ):
     """Score detectors per mode and as a mode ensemble on every OOD set: per-mode rows, mean ± std, ensemble.
 
@@ -76,11 +56,9 @@ def eval_cmd(
     from oodens.paths import default_results_dir
     from oodens.report import detector_tables, render_rich, summary_table
 
-    dets = _detectors(detector, detector_params)  # hyperparameters checked before any work
+    dets = _detectors(detector, options)  # hyperparameters checked before any work
     with warnings_to_stderr():
-        exp = experiment(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
-                         corruptions, fit_fraction, cache_dir, batch_size, workers, device, precision, channels_last,
-                         compile)
+        exp = experiment(options)
         res = exp.evaluate(dets, strategy=strategy, positive=positive, ensemble_sizes=ensemble_size,
                            max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"])
     stderr.print(f"views: {res.extraction['computed']} extracted, {res.extraction['cached']} from cache "
@@ -100,4 +78,4 @@ def eval_cmd(
     stderr.print(f"results stored in {results_dir}")
 
 
-eval_cmd = with_detector_options(eval_cmd)
+eval_cmd = with_detector_options(with_experiment_options(eval_cmd))

@@ -60,24 +60,60 @@ def names(spec: Optional[str]) -> list[str]:
     return [s.strip() for s in (spec or "").split(",") if s.strip()]
 
 
-def experiment(modes_dir, benchmark, arch, num_classes, preset, data_root, ood, imglist, imglist_root,
-               corruptions, fit_fraction, cache_dir, batch_size=256, workers=0, device="auto", precision="fp32",
-               channels_last=False, compile=False):
-    """The :class:`oodens.Experiment` the data flags describe."""
+#: the options that describe an :class:`oodens.Experiment` (mode set, benchmark and data, cache, how networks run)
+EXPERIMENT_OPTIONS = {
+    "modes_dir": (Optional[Path], ModesOpt),
+    "benchmark": (Optional[str], BenchOpt),
+    "ood": (Optional[str], OodOpt),
+    "arch": (Optional[str], ArchOpt),
+    "num_classes": (Optional[int], ClassesOpt),
+    "preset": (Optional[str], PresetOpt),
+    "data_root": (Optional[Path], RootOpt),
+    "imglist": (Optional[list[Path]], ImglistOpt),
+    "imglist_root": (Optional[Path], ImglistRootOpt),
+    "corruptions": (Optional[str], CorruptOpt),
+    "fit_fraction": (float, FitOpt),
+    "cache_dir": (Optional[Path], CacheOpt),
+    "batch_size": (int, BatchOpt),
+    "workers": (int, WorkersOpt),
+    "device": (str, DeviceOpt),
+    "precision": (str, PrecisionOpt),
+    "channels_last": (bool, ChannelsLastOpt),
+    "compile": (bool, CompileOpt),
+}
+
+
+def experiment(options: dict):
+    """The :class:`oodens.Experiment` the :data:`EXPERIMENT_OPTIONS` in ``options`` describe."""
     from oodens.api import Experiment, get_benchmark, load_modes
     from oodens.data import BENCHMARKS
     from oodens.errors import OodensError, ParameterError
 
-    if benchmark is not None and benchmark.lower() not in BENCHMARKS:
-        raise OodensError(f"unknown benchmark {benchmark!r}: expected one of {', '.join(BENCHMARKS)}")
-    if not 0 < fit_fraction <= 1:  # before any work (the library checks it again)
-        raise ParameterError("experiment", "fit_fraction", fit_fraction, "is not a fraction in (0, 1]")
-    modes = load_modes(modes_dir, arch=arch, num_classes=num_classes, preset=preset, dataset=benchmark)
-    bench = get_benchmark(benchmark or modes.dataset, data_root, ood=names(ood), imglist=imglist or [],
-                          imglist_root=imglist_root, corruptions=corruptions)
-    return Experiment(modes, bench, cache_dir=cache_dir, device=device, fit_fraction=fit_fraction,
-                      batch_size=batch_size, workers=workers, precision=precision, channels_last=channels_last,
-                      compile=compile)
+    o = {k: options[k] for k in EXPERIMENT_OPTIONS}
+    if o["benchmark"] is not None and o["benchmark"].lower() not in BENCHMARKS:
+        raise OodensError(f"unknown benchmark {o['benchmark']!r}: expected one of {', '.join(BENCHMARKS)}")
+    if not 0 < o["fit_fraction"] <= 1:  # before any work (the library checks it again)
+        raise ParameterError("experiment", "fit_fraction", o["fit_fraction"], "is not a fraction in (0, 1]")
+    modes = load_modes(o["modes_dir"], arch=o["arch"], num_classes=o["num_classes"], preset=o["preset"],
+                       dataset=o["benchmark"])
+    bench = get_benchmark(o["benchmark"] or modes.dataset, o["data_root"], ood=names(o["ood"]),
+                          imglist=o["imglist"] or [], imglist_root=o["imglist_root"], corruptions=o["corruptions"])
+    return Experiment(modes, bench, cache_dir=o["cache_dir"], device=o["device"], fit_fraction=o["fit_fraction"],
+                      batch_size=o["batch_size"], workers=o["workers"], precision=o["precision"],
+                      channels_last=o["channels_last"], compile=o["compile"])
+
+
+def _add_options(func, extra: list[inspect.Parameter]):
+    sig = inspect.signature(func)
+    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    func.__signature__ = sig.replace(parameters=fixed + extra)
+    return func
+
+
+def with_experiment_options(func):
+    """Add the :data:`EXPERIMENT_OPTIONS` to a command taking ``**options``."""
+    return _add_options(func, [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=opt)
+                               for name, (ann, opt) in EXPERIMENT_OPTIONS.items()])
 
 
 @contextmanager
@@ -102,11 +138,10 @@ def warnings_to_stderr():
 
 
 def with_detector_options(func):
-    """Add ``--<detector>-<param>`` options for every registered detector hyperparameter."""
+    """Add ``--<detector>-<param>`` options for every registered detector hyperparameter (to a command
+    taking ``**options``)."""
     from oodens.detectors import DETECTORS
 
-    sig = inspect.signature(func)
-    fixed = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
     extra = []
     for cls in DETECTORS.values():
         hints = typing.get_type_hints(cls)
@@ -116,8 +151,7 @@ def with_detector_options(func):
                 default=typer.Option(f.default, detector_flag(cls.name, f.name), help=f.metadata.get("help", ""),
                                      rich_help_panel="Detector hyperparameters"),
             ))
-    func.__signature__ = sig.replace(parameters=fixed + extra)
-    return func
+    return _add_options(func, extra)
 
 
 def detector_flag(detector: str, param: str) -> str:
