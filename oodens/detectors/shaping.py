@@ -18,9 +18,15 @@ from oodens.views import Views
 
 @dataclass
 class ShapingDetector(LogitDetector):
+    """Shapes each member's features or head by a percentile ``p`` of something, then scores energy."""
+
     family = "shaping"
     needs = ("features", "weight", "bias")
     strategies = ("mean-logits", "mean-scores")
+
+    def validate(self):
+        self._check_percentile("p")
+        return self
 
     def score_logits(self, z):
         return logsumexp(z, axis=1)
@@ -49,10 +55,6 @@ class DICE(ShapingDetector):
     name = "dice"
     needs_fit = True
     p: float = param(90.0, "DICE sparsity percentile p")
-
-    def validate(self):
-        self._check_percentile("p")
-        return self
 
     def fit(self, train: Views) -> "DICE":
         self.validate()
@@ -85,10 +87,6 @@ class ReAct(ShapingDetector):
     name = "react"
     needs_fit = True
     p: float = param(90.0, "ReAct clipping percentile p")
-
-    def validate(self):
-        self._check_percentile("p")
-        return self
 
     def fit(self, train: Views) -> "ReAct":
         self.validate()
@@ -132,10 +130,6 @@ class ASH(ShapingDetector):
 
     name = "ash"
     p: float = param(90.0, "ASH-S pruning percentile p")
-
-    def validate(self):
-        self._check_percentile("p")
-        return self
 
     def member_logits(self, views):
         self.validate()
