@@ -5,20 +5,29 @@ Enhanced OOD Detection, Calibration, and Accuracy", 2023) for N members f_1..f_N
 
     L = mean_n CE(f_n(x), y) + lambda * L_div
 
-Every function below takes the members' outputs for one batch (lists with one tensor per
-member, all keeping their autograd graphs) and returns the scalar L_div; minimising it makes
-the members differ. z_n are member n's logits (B, C), p_n = softmax(z_n), y the labels (B,).
-``DIVERSITIES`` names them with their default lambda and the inputs they need.
+Every function below is one L_div formula: it takes the members' outputs for one batch (lists
+with one tensor per member, all keeping their autograd graphs) and returns the scalar L_div;
+minimising it makes the members differ. z_n are member n's logits (B, C), p_n = softmax(z_n),
+y the labels (B,).
+
+Each formula needs the members run in its own way (the second-to-last stage kept, the input
+differentiable, an outlier batch in the same pass), so each diversity is an object
+(:class:`Diversity`) whose one method, :meth:`Diversity.loss`, takes the members and the batch
+the training loop has, runs the members as its formula needs and returns their logits on the ID
+batch (for the cross-entropy term) and L_div. The SDDE objective (:class:`oodens.train.SDDE`)
+adds ``mean_n CE(z_n, y) + lambda * L_div`` and knows nothing of the diversity it holds.
+``DIVERSITIES`` names them with their default lambda.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def mean_pairwise_cosine(v: Tensor) -> Tensor:
@@ -110,24 +119,84 @@ def oe(outlier_logits: Sequence[Tensor]) -> Tensor:
     return torch.stack([(torch.logsumexp(z, dim=1) - z.mean(dim=1)).mean() for z in outlier_logits]).mean()
 
 
+Members = Sequence[nn.Module]
+
+
 @dataclass(frozen=True)
-class Diversity:
+class Diversity(ABC):
+    """An SDDE diversity term: ``loss(members, x, y, x_out)`` -> (each member's logits on ``x``, L_div).
+
+    ``members`` are the ensemble's networks, ``x`` (B, ...) the ID batch, ``y`` (B,) its labels and
+    ``x_out`` an outlier batch (only for a diversity that ``uses_outliers``; None otherwise)."""
+
     name: str
-    fn: Callable[..., Tensor]
     default_lambda: float
-    #: what the loss reads besides logits and labels: "maps" (second-to-last stage maps),
-    #: "input" (the input, with gradients), "outliers" (logits of an outlier batch), or ""
-    needs: str = ""
+    #: whether the term reads an outlier batch (``oodens train --outliers``)
+    uses_outliers: ClassVar[bool] = False
+
+    @abstractmethod
+    def loss(self, members: Members, x: Tensor, y: Tensor, x_out: Tensor | None = None
+             ) -> tuple[list[Tensor], Tensor]:
+        """Run the members on the batch as the term needs; (their logits on ``x``, L_div)."""
 
 
-#: name -> diversity loss. The one registry of SDDE diversities (``oodens train --diversity``).
+@dataclass(frozen=True)
+class OnLogits(Diversity):
+    """A formula of the members' logits and the labels (:func:`ncl`, :func:`adp`): one plain pass."""
+
+    fn: Callable[[Sequence[Tensor], Tensor], Tensor]
+
+    def loss(self, members, x, y, x_out=None):
+        logits = [m(x) for m in members]
+        return logits, self.fn(logits, y)
+
+
+@dataclass(frozen=True)
+class GradCam(Diversity):
+    """:func:`gradcam`: each member's pass keeps its second-to-last stage map (``rankfeat_stages``) and
+    finishes it into logits, so the Grad-CAM maps are differentiable in the weights."""
+
+    def loss(self, members, x, y, x_out=None):
+        maps, logits = [], []
+        for m in members:
+            a, last = m.rankfeat_stages(x)
+            maps.append(a)
+            logits.append(m.logits_from_last_stage(last))
+        return logits, gradcam(maps, logits, y)
+
+
+@dataclass(frozen=True)
+class InputGrad(Diversity):
+    """:func:`input_grad`: the members see a copy of ``x`` that requires grad, so the term can
+    differentiate each member's true-class logit with respect to it."""
+
+    def loss(self, members, x, y, x_out=None):
+        x = x.detach().requires_grad_(True)
+        logits = [m(x) for m in members]
+        return logits, input_grad(x, logits, y)
+
+
+@dataclass(frozen=True)
+class OutlierExposure(Diversity):
+    """:func:`oe`: one pass per member over the ID batch followed by the outlier batch; the first
+    ``len(y)`` rows are the ID logits, the rest the outliers' that the term reads."""
+
+    uses_outliers: ClassVar[bool] = True
+
+    def loss(self, members, x, y, x_out=None):
+        inputs, n = torch.cat([x, x_out]), len(y)
+        outputs = [m(inputs) for m in members]
+        return [z[:n] for z in outputs], oe([z[n:] for z in outputs])
+
+
+#: name -> diversity. The one registry of SDDE diversities (``oodens train --diversity``).
 DIVERSITIES: dict[str, Diversity] = {
     d.name: d
     for d in (
-        Diversity("gradcam", gradcam, 0.005, "maps"),
-        Diversity("input-grad", input_grad, 0.005, "input"),
-        Diversity("ncl", ncl, 0.1),
-        Diversity("adp", adp, 0.1),
-        Diversity("oe", oe, 0.5, "outliers"),
+        GradCam("gradcam", 0.005),
+        InputGrad("input-grad", 0.005),
+        OnLogits("ncl", 0.1, ncl),
+        OnLogits("adp", 0.1, adp),
+        OutlierExposure("oe", 0.5),
     )
 }

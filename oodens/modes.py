@@ -27,15 +27,8 @@ from torch import nn
 
 from oodens.archs import arch_folder, canonical_arch, create_model
 from oodens.checkpoints import CHECKPOINT_SUFFIXES, PREFERRED_NAMES, SIDECAR, load_weights, sha256_file
+from oodens.data.datasets import DATASETS, find_dataset
 from oodens.errors import OodensError
-
-#: dataset folder name (save/<Dataset>/..., lower case) -> (benchmark, number of classes, preset)
-DATASET_DEFAULTS: dict[str, tuple[str, int, str]] = {
-    "digits": ("digits", 6, "digits"),
-    "cifar10": ("cifar10", 10, "cifar"),
-    "cifar100": ("cifar100", 100, "cifar"),
-    "imagenet": ("imagenet", 1000, "imagenet"),
-}
 
 
 @dataclass(frozen=True)
@@ -127,10 +120,11 @@ def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
     # save/<Dataset>/<Arch>/<mode>/file: what the path says, if it names a known arch and dataset
     parents = folder.resolve().parents
     path_arch = path_dataset = None
-    if len(parents) > 1 and parents[1].name.lower() in DATASET_DEFAULTS:
+    path_facts = find_dataset(parents[1].name) if len(parents) > 1 else None
+    if path_facts:
         try:
             path_arch = canonical_arch(parents[0].name)
-            path_dataset = parents[1].name.lower()
+            path_dataset = path_facts.name
         except OodensError:
             pass
     arch = _pick("arch", folder, ("sidecar", meta.get("arch")), ("path", path_arch),
@@ -143,18 +137,18 @@ def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
     arch = canonical_arch(arch)
     dataset = _pick("benchmark", folder, ("sidecar", meta.get("dataset")), ("path", path_dataset),
                     ("flag", flags.dataset))
-    defaults = DATASET_DEFAULTS.get(str(dataset).lower()) if dataset else None
+    facts = find_dataset(dataset) if dataset else None  # the class count and preset a sidecar may lack
     num_classes = _pick("num-classes", folder, ("sidecar", meta.get("num_classes")),
-                        ("path", defaults[1] if defaults else None), ("flag", flags.num_classes))
-    preset = flags.preset or meta.get("preset") or (defaults[2] if defaults else None)
+                        ("path", facts.num_classes if facts else None), ("flag", flags.num_classes))
+    preset = flags.preset or meta.get("preset") or (facts.preset if facts else None)
     if num_classes is None or preset is None or dataset is None:
         lacking = [w for w, v in (("--num-classes", num_classes), ("--preset", preset), ("--benchmark", dataset))
                    if v is None]
         raise OodensError(
             f"cannot tell the {', '.join(lacking)} of mode {folder}: expected a {SIDECAR} sidecar, a path "
-            f".../<Dataset>/<Arch>/{folder.name} with Dataset one of {', '.join(DATASET_DEFAULTS)}, or the flags"
+            f".../<Dataset>/<Arch>/{folder.name} with Dataset one of {', '.join(DATASETS)}, or the flags"
         )
-    bench = defaults[0] if defaults else str(dataset).lower()
+    bench = facts.name if facts else str(dataset).lower()
     return Mode(name, ckpt, arch, bench, int(num_classes), str(preset), meta)
 
 

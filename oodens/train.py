@@ -1,6 +1,6 @@
 """Training modes: independent seeds, SDDE ensembles and ELOC leave-out ensembles.
 
-Three methods, one loop (:func:`train`):
+Three methods, one loop:
 
 - **independent** (``oodens train --seed S``): one network, cross-entropy. The mode-ensemble
   paper's recipes for CIFAR and ImageNet, and the digits recipe the shipped modes were made with.
@@ -11,16 +11,33 @@ Three methods, one loop (:func:`train`):
   gradients separate, so each is trained as on its own), each saved as a mode with its
   ``kept_classes``.
 
-The recipes are the table :data:`RECIPES` (method x dataset family); ``--epochs``, ``--lr`` and
-``--batch-size`` override it. The seed sets initialisation, data order and augmentation: one
-generator draws each epoch's permutation and the augmentation (the shift offsets of a batch, or a
-seed per sample for per-sample augmentation in DataLoader workers), so results do not depend on
-the number of workers. The digits recipe always runs with deterministic algorithms (the same seed
-in the same environment gives bit-identical weights); ``--deterministic`` turns them on for every recipe
-(plus cuDNN's deterministic flags). Bit-identity holds within one environment only: the CPU kernels
-(oneDNN, MKL, ATen's vectorised code) are chosen per instruction set and change between torch
-releases, so every sidecar records :func:`environment` (torch release, CPU, kernel ISA caps) and
-weights are comparable bit for bit only where that record matches.
+How a run flows (:func:`train`):
+
+1. :func:`resolve` turns the flags into a :class:`Plan`, reading no data: the dataset's facts
+   (:data:`oodens.data.datasets.DATASETS`: class count, save folder, recipe family, default preset), the
+   recipe of :data:`RECIPES` for (method, family) with ``--epochs``, ``--lr`` and ``--batch-size``
+   overriding it, the diversity or the leave-out split, and where everything is saved.
+2. The benchmark gives the ID train and test splits; ``--outliers`` names an outlier set for
+   ``--diversity oe`` (checked to be no evaluation OOD set).
+3. :func:`_start` seeds everything, builds the members and their :class:`Objective` (the members
+   plus the loss of the method; ``forward(x, y, x_out) -> (loss, [correct, seen])``), the batches
+   (:class:`_Batches`: feeds of :mod:`oodens.data.feeds` drawing each epoch from seeded generators), the
+   optimiser and the schedule: a :class:`TrainingState`, which ``--resume`` then fills from the last
+   saved state.
+4. :func:`_run_epochs` runs :func:`_train_epoch` (each batch through the objective, backward, an SGD
+   step) until the last epoch; after every epoch rank 0 saves the state (:meth:`TrainingState.save`).
+5. At the end rank 0 measures each member's ID test accuracy and saves each as a mode
+   (:func:`_save_modes`: ``{"state_dict": ...}`` plus the sidecar of :meth:`Plan.sidecar`).
+
+The seed sets initialisation, data order and augmentation: one generator draws each epoch's
+permutation and the augmentation (the shift offsets of a batch, or a seed per sample for per-sample
+augmentation in DataLoader workers), so results do not depend on the number of workers. The digits
+recipe always runs with deterministic algorithms (the same seed in the same environment gives
+bit-identical weights); ``--deterministic`` turns them on for every recipe (plus cuDNN's deterministic
+flags). Bit-identity holds within one environment only: the CPU kernels (oneDNN, MKL, ATen's vectorised
+code) are chosen per instruction set and change between torch releases, so every sidecar records
+:func:`environment` (torch release, CPU, kernel ISA caps) and weights are comparable bit for bit only
+where that record matches.
 
 Under ``torchrun`` each process takes every world_size-th sample of each global batch (``--batch-size``
 is the global batch), the members are wrapped in DistributedDataParallel, and rank 0 saves.
@@ -39,24 +56,24 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oodens import __version__
 from oodens.archs import arch_folder, canonical_arch, create_model
 from oodens.checkpoints import atomic_write_bytes, save_checkpoint
-from oodens.data import DataSource, Preset, get_benchmark, get_preset
+from oodens.data import DATASETS, DataSource, Dataset, Preset, find_dataset, get_benchmark, get_preset
 from oodens.data.feeds import AUGMENTS, make_feed
 from oodens.data.sources import ArraySource
-from oodens.distributed import all_reduce_sum, barrier, process_group
+from oodens.distributed import DistContext, all_reduce_sum, barrier, process_group
 from oodens.diversity import DIVERSITIES, Diversity
 from oodens.eloc import BETA, MARGIN, SPLIT_SEED, eloc_loss, leave_out_split, relabel_table
 from oodens.errors import OodensError
 from oodens.progress import progress_bar
+from oodens.version import __version__
 
 STATE_FORMAT = 1
 
@@ -86,7 +103,6 @@ class Schedule:
 class Recipe:
     source: str  # where the recipe comes from
     archs: tuple[str, ...]
-    preset: str
     epochs: int
     lr: float
     batch_size: int
@@ -98,6 +114,7 @@ class Recipe:
     checkpoint: str  # file name in each mode folder (the reference layout's)
     module_prefix: bool = False  # keys saved as nn.DataParallel's "module.<name>"
     deterministic: bool = False  # always run with deterministic algorithms
+    preset: str | None = None  # preprocessing, when not the dataset's default preset
 
 
 DIGITS_ARCHS = ("cnn",)
@@ -108,44 +125,36 @@ IMAGENET_ARCHS = ("R50", "DN121")
 RECIPES: dict[tuple[str, str], Recipe] = {
     # the shipped digits modes were made with this one: keep it as it is
     ("independent", "digits"): Recipe(
-        "oodens digits", DIGITS_ARCHS, "digits", epochs=30, lr=0.05, batch_size=64, weight_decay=5e-4, momentum=0.9,
+        "oodens digits", DIGITS_ARCHS, epochs=30, lr=0.05, batch_size=64, weight_decay=5e-4, momentum=0.9,
         nesterov=False, schedule=Schedule("cosine", per="step"), augment="shift1", checkpoint="checkpoint.pth.tar",
         deterministic=True),
     ("independent", "cifar"): Recipe(
-        "mode-ensemble paper, CIFAR", CIFAR_ARCHS, "cifar", epochs=150, lr=0.1, batch_size=256, weight_decay=1e-4,
+        "mode-ensemble paper, CIFAR", CIFAR_ARCHS, epochs=150, lr=0.1, batch_size=256, weight_decay=1e-4,
         momentum=0.9, nesterov=False, schedule=Schedule("cosine", per="epoch"), augment="crop32-flip",
         checkpoint="epoch150.pth"),
     ("independent", "imagenet"): Recipe(
-        "mode-ensemble paper, ImageNet", IMAGENET_ARCHS, "imagenet", epochs=90, lr=0.1, batch_size=256,
+        "mode-ensemble paper, ImageNet", IMAGENET_ARCHS, epochs=90, lr=0.1, batch_size=256,
         weight_decay=1e-4, momentum=0.9, nesterov=False, schedule=Schedule("step", every=30), augment="rrc224-flip",
         checkpoint="checkpoint.pth.tar", module_prefix=True),
     # SDDE's code: SGD Nesterov 0.1, momentum 0.9, wd 5e-4, batch 128, 100 epochs, per-step cosine to 1e-6
     ("sdde", "cifar"): Recipe(
-        "SDDE code, CIFAR", CIFAR_ARCHS, "cifar", epochs=100, lr=0.1, batch_size=128, weight_decay=5e-4,
+        "SDDE code, CIFAR", CIFAR_ARCHS, epochs=100, lr=0.1, batch_size=128, weight_decay=5e-4,
         momentum=0.9, nesterov=True, schedule=Schedule("cosine", per="step", eta_min=1e-6), augment="crop32-flip",
         checkpoint="epoch150.pth"),
     # digits: SDDE's optimiser and schedule at the digits scale (epochs, lr, batch, shift of the digits recipe)
     ("sdde", "digits"): Recipe(
-        "SDDE optimiser at the digits scale", DIGITS_ARCHS, "digits", epochs=30, lr=0.05, batch_size=64,
+        "SDDE optimiser at the digits scale", DIGITS_ARCHS, epochs=30, lr=0.05, batch_size=64,
         weight_decay=5e-4, momentum=0.9, nesterov=True, schedule=Schedule("cosine", per="step", eta_min=1e-6),
         augment="shift1", checkpoint="checkpoint.pth.tar", deterministic=True),
     # ELOC: SGD 0.1, momentum 0.9, wd 5e-4, 100 epochs, x0.1 at 50% and 75%; ELOC's CIFAR normalisation
     ("eloc", "cifar"): Recipe(
-        "ELOC paper, CIFAR", CIFAR_ARCHS, "cifar-eloc", epochs=100, lr=0.1, batch_size=128, weight_decay=5e-4,
+        "ELOC paper, CIFAR", CIFAR_ARCHS, epochs=100, lr=0.1, batch_size=128, weight_decay=5e-4,
         momentum=0.9, nesterov=False, schedule=Schedule("step", at=(0.5, 0.75)), augment="crop32-flip",
-        checkpoint="epoch150.pth"),
+        checkpoint="epoch150.pth", preset="cifar-eloc"),
     ("eloc", "digits"): Recipe(
-        "ELOC schedule at the digits scale", DIGITS_ARCHS, "digits", epochs=30, lr=0.05, batch_size=64,
+        "ELOC schedule at the digits scale", DIGITS_ARCHS, epochs=30, lr=0.05, batch_size=64,
         weight_decay=5e-4, momentum=0.9, nesterov=False, schedule=Schedule("step", at=(0.5, 0.75)),
         augment="shift1", checkpoint="checkpoint.pth.tar", deterministic=True),
-}
-
-#: dataset -> (folder in save/<Dataset>/..., recipe family)
-DATASETS = {
-    "digits": ("Digits", "digits"),
-    "cifar10": ("CIFAR10", "cifar"),
-    "cifar100": ("CIFAR100", "cifar"),
-    "imagenet": ("ImageNet", "imagenet"),
 }
 
 #: benchmark -> outlier sets made for training with ``--diversity oe`` (never an evaluation OOD set)
@@ -160,6 +169,155 @@ def _digits_outliers() -> DataSource:
     return ArraySource("letters-lower", "train", digits.letters_lower)
 
 
+# --------------------------------------------------------------------------- resolving a run
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One training run, resolved from the flags by :func:`resolve` before any data is read: what is
+    trained (method, members, architecture, dataset), how (the recipe and its overrides) and where
+    it is saved."""
+
+    method: str  # "independent", "sdde" or "eloc"
+    seed: int
+    arch: str  # canonical name
+    dataset: Dataset
+    recipe: Recipe
+    epochs: int
+    lr: float
+    batch_size: int
+    members: int
+    deterministic: bool  # run with deterministic algorithms (the flag, or the recipe's)
+    set_dir: Path  # out/<Dataset>/<mode set>
+    diversity: Diversity | None = None  # sdde
+    lam: float | None = None  # sdde
+    outliers: str | None = None  # sdde with a diversity that uses outliers
+    split: list[tuple[list[int], list[int]]] | None = None  # eloc: (kept, left-out classes) per member
+
+    @property
+    def preset(self) -> str:
+        return self.recipe.preset or self.dataset.preset
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the schedule steps after every batch (else after every epoch)."""
+        return self.recipe.schedule.kind == "cosine" and self.recipe.schedule.per == "step"
+
+    @property
+    def state_path(self) -> Path:
+        return self.set_dir / f"seed-{self.seed}.last.pth"
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """One checkpoint per member: ``seed-<S>/`` for an independent mode, ``seed-<S>-m<k>/`` for members."""
+        folders = [f"seed-{self.seed}"] if self.method == "independent" else \
+            [f"seed-{self.seed}-m{k}" for k in range(self.members)]
+        return [self.set_dir / f / self.recipe.checkpoint for f in folders]
+
+    def config(self) -> dict:
+        """The settings a ``--resume`` must share with the run that saved the state (kept in the state)."""
+        return {"method": self.method, "arch": self.arch, "dataset": self.dataset.name, "seed": self.seed,
+                "members": self.members, "diversity": self.diversity.name if self.diversity else None,
+                "lambda": self.lam, "outliers": self.outliers, "epochs": self.epochs, "lr": self.lr,
+                "batch_size": self.batch_size, "recipe": self.recipe.source}
+
+    def objective(self) -> Objective:
+        """Fresh members (in member order, from the current RNG state) with the method's loss."""
+        if self.split:
+            return LeaveOut([create_model(self.arch, len(kept)) for kept, _ in self.split], self.split,
+                            self.dataset.num_classes)
+        nets = [create_model(self.arch, self.dataset.num_classes) for _ in range(self.members)]
+        return SDDE(nets, self.diversity, self.lam, self.outliers) if self.diversity else CrossEntropy(nets)
+
+    def sidecar(self, objective: Objective, k: int, accuracy: float, processes: int, dev) -> dict:
+        """Member k's ``oodens.json``: what it is, how it was trained and in which environment."""
+        r = self.recipe
+        return {
+            "arch": self.arch,
+            "dataset": self.dataset.name,
+            "num_classes": self.dataset.num_classes,
+            "seed": self.seed,
+            "preset": self.preset,
+            "method": self.method,
+            "test_accuracy": accuracy,
+            "train": {"recipe": r.source, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                      "weight_decay": r.weight_decay, "momentum": r.momentum, "nesterov": r.nesterov,
+                      "schedule": r.schedule.describe(), "augment": r.augment, "processes": processes,
+                      "deterministic": self.deterministic},
+            **objective.member_sidecar(k),
+            "environment": environment(dev),
+            "oodens_version": __version__,
+        }
+
+
+def resolve(
+    seed: int,
+    arch: str = "cnn",
+    dataset: str = "digits",
+    epochs: int | None = None,
+    out: Path = Path("save"),
+    lr: float | None = None,
+    batch_size: int | None = None,
+    *,
+    members: int | None = None,
+    diversity: str | None = None,
+    lam: float | None = None,
+    outliers: str | None = None,
+    leave_out: int | None = None,
+    deterministic: bool = False,
+) -> Plan:
+    """The :class:`Plan` the flags of :func:`train` describe; flags that do not fit together are a one-line
+    :class:`OodensError`. Reads no data (the outlier set is checked against the benchmark later)."""
+    if leave_out is not None and (members is not None or diversity is not None):
+        raise OodensError("--leave-out (ELOC) and --members/--diversity (SDDE) are different methods: "
+                          "expected one of them")
+    method = "eloc" if leave_out is not None else "sdde" if (members is not None or diversity is not None) \
+        else "independent"
+    facts = find_dataset(dataset)
+    if facts is None:
+        raise OodensError(f"cannot train on dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+    if (method, facts.family) not in RECIPES:
+        have = sorted({f for m, f in RECIPES if m == method})
+        raise OodensError(f"no {method} recipe for {dataset}: expected a dataset of {', '.join(have)}")
+    recipe = RECIPES[(method, facts.family)]
+    arch = canonical_arch(arch)
+    if arch not in recipe.archs:
+        raise OodensError(f"the {dataset} recipe trains {', '.join(recipe.archs)}, not {arch!r}")
+    epochs = recipe.epochs if epochs is None else epochs
+    lr = recipe.lr if lr is None else lr
+    batch_size = recipe.batch_size if batch_size is None else batch_size
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise OodensError(f"--epochs, --batch-size and --lr must be positive (got {epochs}, {batch_size}, {lr})")
+    div = split = None
+    if method == "sdde":
+        members = 5 if members is None else members
+        diversity = diversity or "gradcam"
+        if diversity not in DIVERSITIES:
+            raise OodensError(f"unknown diversity {diversity!r}: expected one of {', '.join(DIVERSITIES)}")
+        if members < 2:
+            raise OodensError(f"--members {members}: an SDDE ensemble needs at least 2 members")
+        div = DIVERSITIES[diversity]
+        lam = div.default_lambda if lam is None else lam
+        if div.uses_outliers and not outliers:
+            raise OodensError(f"--diversity {diversity} needs --outliers NAME|PATH (a training outlier set; on "
+                              f"digits: letters-lower)")
+        if not div.uses_outliers and outliers:
+            raise OodensError(f"--outliers is only used by --diversity oe, not {diversity}")
+    elif lam is not None or outliers:
+        raise OodensError("--lambda and --outliers belong to SDDE training (--members/--diversity)")
+    if method == "eloc":
+        if not 2 <= leave_out <= facts.num_classes:
+            raise OodensError(f"--leave-out {leave_out}: expected 2 <= K <= {facts.num_classes} (the classes of "
+                              f"{dataset})")
+        split = leave_out_split(facts.num_classes, leave_out)
+    n_members = {"independent": 1, "sdde": members, "eloc": leave_out}[method]
+    suffix = {"independent": "", "sdde": f"-sdde-{diversity}", "eloc": f"-eloc-{leave_out}"}[method]
+    return Plan(method=method, seed=seed, arch=arch, dataset=facts, recipe=recipe, epochs=epochs, lr=lr,
+                batch_size=batch_size, members=n_members, deterministic=deterministic or recipe.deterministic,
+                set_dir=Path(out) / facts.folder / (arch_folder(arch) + suffix), diversity=div, lam=lam,
+                outliers=outliers, split=split)
+
+
 # --------------------------------------------------------------------------- objectives
 
 
@@ -168,8 +326,6 @@ class Objective(nn.Module):
 
     The whole objective is one module, so DistributedDataParallel can wrap it (gradients sync
     whichever member methods the loss calls)."""
-
-    method = "independent"
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
@@ -199,39 +355,16 @@ class CrossEntropy(Objective):
 
 
 class SDDE(Objective):
-    """N members trained jointly: mean_n CE(f_n(x), y) + lambda * L_div (:mod:`oodens.diversity`)."""
-
-    method = "sdde"
+    """N members trained jointly: mean_n CE(f_n(x), y) + lambda * L_div. The diversity runs the members on
+    the batch the way its term needs and hands back their logits with the term (:mod:`oodens.diversity`)."""
 
     def __init__(self, members, diversity: Diversity, lam: float, outliers: str | None = None):
         super().__init__(members)
         self.diversity, self.lam, self.outliers = diversity, lam, outliers
 
     def forward(self, x, y, x_out=None):
-        needs = self.diversity.needs
-        if needs == "input":
-            x = x.detach().requires_grad_(True)
-        n_in = len(y)
-        inputs = torch.cat([x, x_out]) if needs == "outliers" else x  # OE: one pass over ID + outliers
-        logits, maps, out_logits = [], [], []
-        for m in self.members:
-            if needs == "maps":
-                a, last = m.rankfeat_stages(inputs)
-                z = m.logits_from_last_stage(last)
-                maps.append(a)
-            else:
-                z = m(inputs)
-            logits.append(z[:n_in])
-            out_logits.append(z[n_in:])
+        logits, div = self.diversity.loss(self.members, x, y, x_out)
         ce = torch.stack([F.cross_entropy(z, y) for z in logits]).mean()
-        if needs == "maps":
-            div = self.diversity.fn(maps, logits, y)
-        elif needs == "input":
-            div = self.diversity.fn(x, logits, y)
-        elif needs == "outliers":
-            div = self.diversity.fn(out_logits)
-        else:
-            div = self.diversity.fn(logits, y)
         return ce + self.lam * div, self._stats([(z, y) for z in logits])
 
     def member_sidecar(self, k):
@@ -242,8 +375,6 @@ class SDDE(Objective):
 class LeaveOut(Objective):
     """ELOC: member k trained on its kept classes with the margin-entropy loss (:mod:`oodens.eloc`);
     the members' losses are summed, which leaves each member's gradient its own."""
-
-    method = "eloc"
 
     def __init__(self, members, split: list[tuple[list[int], list[int]]], num_classes: int,
                  margin: float = MARGIN, beta: float = BETA):
@@ -270,18 +401,7 @@ class LeaveOut(Objective):
                              "beta": self.beta, "split_seed": SPLIT_SEED}}
 
 
-# --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class TrainResult:
-    """What a run wrote: one checkpoint per member (empty if it stopped early), their ID test
-    accuracies, and the resumable state file."""
-
-    paths: list[Path]
-    accuracies: list[float]
-    state: Path
-    main: bool = True
+# --------------------------------------------------------------------------- environment and determinism
 
 
 def _cpu_model() -> str:
@@ -338,6 +458,9 @@ def _determinism(on: bool):
         cudnn.deterministic, cudnn.benchmark = before[2], before[3]
 
 
+# --------------------------------------------------------------------------- training state
+
+
 def _scheduler(opt, schedule: Schedule, epochs: int, steps: int):
     if schedule.kind == "cosine":
         t_max = epochs * steps if schedule.per == "step" else epochs
@@ -348,6 +471,57 @@ def _scheduler(opt, schedule: Schedule, epochs: int, steps: int):
         milestones = [int(round(a * epochs)) for a in schedule.at]
     gamma = schedule.gamma
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda e: gamma ** sum(e >= m for m in milestones))
+
+
+@dataclass
+class TrainingState:
+    """What a run carries from epoch to epoch: the objective (the members), the optimiser, the schedule,
+    the generators the feeds draw batches and augmentation from (``data``; ``outliers`` with an outlier
+    set) and the number of epochs done. :meth:`save` writes it with the global RNG states and the
+    run's :meth:`Plan.config`; :meth:`load` restores it from such a file."""
+
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generators: dict[str, torch.Generator]
+    epoch: int = 0
+
+    def save(self, path: Path, config: dict) -> None:
+        """Write ``path`` atomically: tensors, numbers, strings, lists and dicts only."""
+        state = {
+            "format": STATE_FORMAT,
+            "config": config,
+            "epoch": self.epoch,
+            "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in self.objective.members],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(self.generators),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+    def load(self, path: Path, config: dict) -> None:
+        """Continue from ``path``, which must have been saved with the same ``config``."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise OodensError(f"cannot read training state {path}: {str(e).strip()[:200]} (expected a file written "
+                              f"by oodens train; start without --resume to train from scratch)") from e
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise OodensError(f"{path} is not an oodens training state (format {STATE_FORMAT})")
+        saved = state["config"]
+        diff = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+        if diff:
+            k = diff[0]
+            raise OodensError(f"--resume: {path} was trained with {k} = {saved.get(k)!r} but this run has "
+                              f"{config.get(k)!r}: expected the same settings (or no --resume to start over)")
+        for m, sd in zip(self.objective.members, state["members"]):
+            m.load_state_dict(sd)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.generators)
+        self.epoch = int(state["epoch"])
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -377,45 +551,13 @@ def _set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
 
 
-def _load_state(path: Path, config: dict) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise OodensError(f"cannot read training state {path}: {str(e).strip()[:200]} (expected a file written by "
-                          f"oodens train; start without --resume to train from scratch)") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise OodensError(f"{path} is not an oodens training state (format {STATE_FORMAT})")
-    saved = state["config"]
-    diff = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-    if diff:
-        k = diff[0]
-        raise OodensError(f"--resume: {path} was trained with {k} = {saved.get(k)!r} but this run has "
-                          f"{config.get(k)!r}: expected the same settings (or no --resume to start over)")
-    return state
+# --------------------------------------------------------------------------- data
 
 
-def _test_accuracies(objective: Objective, source: DataSource, preset: Preset, batch_size: int, dev,
-                     workers: int) -> list[float]:
-    """Each member's accuracy on the ID test split (a leave-out member: on the samples of its kept classes)."""
-    k = len(objective.members)
-    correct, seen = [0] * k, [0] * k
-    objective.eval()
-    with torch.inference_mode():
-        for x, y in source.loader(preset, batch_size, workers):
-            x, y = x.to(dev), torch.as_tensor(y, dtype=torch.long).to(dev)
-            for i, m in enumerate(objective.members):
-                t = objective.targets(i, y)
-                keep = t >= 0
-                correct[i] += int((m(x).argmax(1)[keep] == t[keep]).sum())
-                seen[i] += int(keep.sum())
-    return [c / s if s else float("nan") for c, s in zip(correct, seen)]
-
-
-def _outlier_source(spec: str, bench, root: Path | None) -> DataSource:
+def _outlier_source(spec: str, bench, facts: Dataset, root: Path | None) -> DataSource:
     """``--outliers NAME|PATH``: a training outlier set of the benchmark, or an image folder / image list /
     .mat; never one of the benchmark's evaluation OOD sets."""
     from oodens.data import source_from_path
-    from oodens.data.benchmarks import CIFAR_OOD, IMAGENET_OOD
 
     evaluation = set(bench.ood_factories) | set(bench.missing)
     table = TRAIN_OUTLIERS.get(bench.name, {})
@@ -428,14 +570,45 @@ def _outlier_source(spec: str, bench, root: Path | None) -> DataSource:
     if not path.exists():
         raise OodensError(f"--outliers {spec}: not an outlier set of {bench.name} ({', '.join(table) or 'none'}) "
                           f"nor an existing image folder, image list .txt or .mat")
-    ood_table = {"cifar10": CIFAR_OOD, "cifar100": CIFAR_OOD, "imagenet": IMAGENET_OOD}.get(bench.name, {})
-    for name, (rel, _) in ood_table.items():
-        where = (root / rel).resolve() if root else None
+    for ood in facts.ood_sets:
+        where = (root / ood.path).resolve() if root else None
         if where is not None and (path.resolve() == where or where in path.resolve().parents
                                   or path.resolve() in where.parents):
-            raise OodensError(f"--outliers {path} overlaps the evaluation OOD set {name} ({where}): "
+            raise OodensError(f"--outliers {path} overlaps the evaluation OOD set {ood.name} ({where}): "
                               f"expected a distinct outlier set")
     return source_from_path("outliers", path)()
+
+
+class _Batches:
+    """The training batches: ``epoch(generators)`` yields (x, y, x_out) for one pass over the ID train
+    split, ``x_out`` an outlier batch drawn beside each ID batch (None without an outlier set)."""
+
+    def __init__(self, plan: Plan, train: DataSource, outliers: DataSource | None, ctx: DistContext, workers: int):
+        preset, augment = get_preset(plan.preset), AUGMENTS[plan.recipe.augment]
+        self.feed = make_feed(train, preset, augment, plan.batch_size, ctx, workers)
+        self.outliers = make_feed(outliers, preset, augment, plan.batch_size, ctx, workers) if outliers else None
+
+    def steps(self) -> int:
+        return self.feed.steps()
+
+    def epoch(self, generators: dict[str, torch.Generator]) -> Iterator[tuple]:
+        outs = self.outliers.epoch(generators["outliers"], count=self.steps()) if self.outliers else None
+        for x, y in self.feed.epoch(generators["data"]):
+            yield x, y, next(outs)[0] if outs is not None else None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    """What a run wrote: one checkpoint per member (empty if it stopped early), their ID test
+    accuracies, and the resumable state file."""
+
+    paths: list[Path]
+    accuracies: list[float]
+    state: Path
+    main: bool = True
 
 
 def train(
@@ -464,181 +637,128 @@ def train(
     only the resumable state written (as a preempted job would)."""
     from oodens.data import data_root as resolve_root
 
-    # ---- what to train
-    if leave_out is not None and (members is not None or diversity is not None):
-        raise OodensError("--leave-out (ELOC) and --members/--diversity (SDDE) are different methods: "
-                          "expected one of them")
-    method = "eloc" if leave_out is not None else "sdde" if (members is not None or diversity is not None) \
-        else "independent"
-    key = dataset.lower()
-    if key not in DATASETS:
-        raise OodensError(f"cannot train on dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    folder_name, family = DATASETS[key]
-    if (method, family) not in RECIPES:
-        have = sorted({f for m, f in RECIPES if m == method})
-        raise OodensError(f"no {method} recipe for {dataset}: expected a dataset of {', '.join(have)}")
-    recipe = RECIPES[(method, family)]
-    arch = canonical_arch(arch)
-    if arch not in recipe.archs:
-        raise OodensError(f"the {dataset} recipe trains {', '.join(recipe.archs)}, not {arch!r}")
-    epochs = recipe.epochs if epochs is None else epochs
-    lr = recipe.lr if lr is None else lr
-    batch_size = recipe.batch_size if batch_size is None else batch_size
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise OodensError(f"--epochs, --batch-size and --lr must be positive (got {epochs}, {batch_size}, {lr})")
+    plan = resolve(seed, arch, dataset, epochs, out, lr, batch_size, members=members, diversity=diversity, lam=lam,
+                   outliers=outliers, leave_out=leave_out, deterministic=deterministic)
     if workers < 0:
         raise OodensError(f"--workers {workers}: expected 0 or more")
-    div = None
-    if method == "sdde":
-        members = 5 if members is None else members
-        diversity = diversity or "gradcam"
-        if diversity not in DIVERSITIES:
-            raise OodensError(f"unknown diversity {diversity!r}: expected one of {', '.join(DIVERSITIES)}")
-        if members < 2:
-            raise OodensError(f"--members {members}: an SDDE ensemble needs at least 2 members")
-        div = DIVERSITIES[diversity]
-        lam = div.default_lambda if lam is None else lam
-        if div.needs == "outliers" and not outliers:
-            raise OodensError("--diversity oe needs --outliers NAME|PATH (a training outlier set; on digits: "
-                              "letters-lower)")
-        if div.needs != "outliers" and outliers:
-            raise OodensError(f"--outliers is only used by --diversity oe, not {diversity}")
-    elif lam is not None or outliers:
-        raise OodensError("--lambda and --outliers belong to SDDE training (--members/--diversity)")
     root = resolve_root(data_root)
-    bench = get_benchmark(key, root)
-    num_classes = bench.num_classes
-    split = None
-    if method == "eloc":
-        if not 2 <= leave_out <= num_classes:
-            raise OodensError(f"--leave-out {leave_out}: expected 2 <= K <= {num_classes} (the classes of {dataset})")
-        split = leave_out_split(num_classes, leave_out)
-    n_members = {"independent": 1, "sdde": members, "eloc": leave_out}[method]
-    set_name = arch_folder(arch) + {"independent": "", "sdde": f"-sdde-{diversity}", "eloc": f"-eloc-{leave_out}"}[method]
-    set_dir = Path(out) / folder_name / set_name
-    mode_dirs = [set_dir / (f"seed-{seed}" if method == "independent" else f"seed-{seed}-m{k}")
-                 for k in range(n_members)]
-    state_path = set_dir / f"seed-{seed}.last.pth"
-    preset = get_preset(recipe.preset)
-    augment = AUGMENTS[recipe.augment]
-    train_source = bench.id_train
-    outlier_source = _outlier_source(outliers, bench, root) if outliers else None
-    config = {"method": method, "arch": arch, "dataset": key, "seed": seed, "members": n_members,
-              "diversity": diversity, "lambda": lam, "outliers": outliers, "epochs": epochs, "lr": lr,
-              "batch_size": batch_size, "recipe": recipe.source}
+    bench = get_benchmark(plan.dataset.name, root)
+    outlier_source = _outlier_source(outliers, bench, plan.dataset, root) if outliers else None
 
-    with process_group(device) as (ctx, dev), _determinism(deterministic or recipe.deterministic):
-        if batch_size < ctx.world_size:
-            raise OodensError(f"--batch-size {batch_size} is the global batch: expected at least one sample per "
-                              f"process ({ctx.world_size})")
-        g = seed_everything(seed)
-        nets = [create_model(arch, len(split[k][0]) if split else num_classes) for k in range(n_members)]
-        if method == "independent":
-            objective = CrossEntropy(nets)
-        elif method == "sdde":
-            objective = SDDE(nets, div, lam, outliers)
-        else:
-            objective = LeaveOut(nets, split, num_classes)
-        objective.to(dev)
-        generators = {"data": g}
-        feed = make_feed(train_source, preset, augment, batch_size, ctx, workers)
-        out_feed = None
-        if outlier_source is not None:
-            out_feed = make_feed(outlier_source, preset, augment, batch_size, ctx, workers)
-            generators["outliers"] = torch.Generator().manual_seed(seed + 1)
-        steps = feed.steps()
-        opt = torch.optim.SGD(objective.parameters(), lr=lr, momentum=recipe.momentum,
-                              weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
-        sched = _scheduler(opt, recipe.schedule, epochs, steps)
-        start = 0
+    with process_group(device) as (ctx, dev), _determinism(plan.deterministic):
+        if plan.batch_size < ctx.world_size:
+            raise OodensError(f"--batch-size {plan.batch_size} is the global batch: expected at least one sample "
+                              f"per process ({ctx.world_size})")
+        state, batches = _start(plan, bench.id_train, outlier_source, ctx, dev, workers)
         if resume:
-            if state_path.is_file():
-                state = _load_state(state_path, config)
-                for m, sd in zip(objective.members, state["members"]):
-                    m.load_state_dict(sd)
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                _set_rng_state(state["rng"], generators)
-                start = int(state["epoch"])
-            elif ctx.is_main:
-                from oodens.progress import stderr
-
-                stderr.print(f"--resume: no training state at {state_path}, starting from epoch 1")
-        net = objective
-        if ctx.enabled:
-            net = nn.parallel.DistributedDataParallel(objective, device_ids=[dev.index] if dev.type == "cuda" else None)
-        last = epochs if stop_after is None else min(epochs, stop_after)
-        per_step = recipe.schedule.kind == "cosine" and recipe.schedule.per == "step"
-        members_txt = f" x{n_members} ({method}{', ' + diversity if diversity else ''})" if n_members > 1 else ""
-        with progress_bar(transient=False) as bar:
-            bar.disable = bar.disable or not ctx.is_main
-            task = bar.add_task(f"train {arch}{members_txt} seed {seed}", total=epochs * steps,
-                                completed=start * steps, info="")
-            for epoch in range(start, last):
-                objective.train()
-                totals = torch.zeros(4, dtype=torch.float64, device=dev)  # loss * n, n, correct, seen
-                outs = out_feed.epoch(generators["outliers"], count=steps) if out_feed else None
-                for x, y in feed.epoch(g):
-                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                    x_out = next(outs)[0].to(dev, non_blocking=True) if outs is not None else None
-                    loss, stats = net(x, y, x_out)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if per_step:
-                        sched.step()
-                    totals += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=dev,
-                                          dtype=torch.float64), stats[0].double(), stats[1].double()])
-                    bar.advance(task)
-                if not per_step:
-                    sched.step()
-                loss_sum, n, correct, seen = all_reduce_sum(totals.tolist(), ctx, dev)
-                bar.update(task, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / max(n, 1.0):.3f} "
-                                      f"acc {100 * correct / max(seen, 1.0):.1f}%")
-                if ctx.is_main:
-                    _save_state(state_path, config, epoch + 1, objective, opt, sched, generators)
+            _resume(plan, state, ctx)
+        last = plan.epochs if stop_after is None else min(plan.epochs, stop_after)
+        _run_epochs(plan, state, batches, last, ctx, dev)
         barrier(ctx)
-        if last < epochs:
-            return TrainResult([], [], state_path, ctx.is_main)
-        accuracies, paths = [], [d / recipe.checkpoint for d in mode_dirs]
-        if ctx.is_main:
-            accuracies = _test_accuracies(objective, bench.id_test, preset, max(batch_size, 256), dev, workers)
-            for k, (m, path) in enumerate(zip(objective.members, paths)):
-                sidecar = {
-                    "arch": arch,
-                    "dataset": key,
-                    "num_classes": num_classes,
-                    "seed": seed,
-                    "preset": recipe.preset,
-                    "method": objective.method,
-                    "test_accuracy": accuracies[k],
-                    "train": {"recipe": recipe.source, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                              "weight_decay": recipe.weight_decay, "momentum": recipe.momentum,
-                              "nesterov": recipe.nesterov, "schedule": recipe.schedule.describe(),
-                              "augment": recipe.augment, "processes": ctx.world_size,
-                              "deterministic": deterministic or recipe.deterministic},
-                    **objective.member_sidecar(k),
-                    "environment": environment(dev),
-                    "oodens_version": __version__,
-                }
-                save_checkpoint(path, m.cpu(), sidecar, prefix="module." if recipe.module_prefix else "")
+        if last < plan.epochs:
+            return TrainResult([], [], plan.state_path, ctx.is_main)
+        accuracies = _save_modes(plan, state.objective, bench.id_test, ctx, dev, workers) if ctx.is_main else []
         barrier(ctx)
-    return TrainResult(paths, accuracies, state_path, ctx.is_main)
+    return TrainResult(plan.checkpoints, accuracies, plan.state_path, ctx.is_main)
 
 
-def _save_state(path: Path, config: dict, epoch: int, objective: Objective, opt, sched, generators) -> None:
-    state = {
-        "format": STATE_FORMAT,
-        "config": config,
-        "epoch": epoch,
-        "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in objective.members],
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "rng": _rng_state(generators),
-    }
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+def _start(plan: Plan, train: DataSource, outliers: DataSource | None, ctx: DistContext, dev,
+           workers: int) -> tuple[TrainingState, _Batches]:
+    """Epoch 0 of the plan and its batches. The order is part of the result: everything is seeded, then
+    the members are initialised, then the feeds, the optimiser and the schedule are built."""
+    generators = {"data": seed_everything(plan.seed)}
+    objective = plan.objective().to(dev)
+    batches = _Batches(plan, train, outliers, ctx, workers)
+    if outliers is not None:
+        generators["outliers"] = torch.Generator().manual_seed(plan.seed + 1)
+    r = plan.recipe
+    opt = torch.optim.SGD(objective.parameters(), lr=plan.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                          nesterov=r.nesterov)
+    sched = _scheduler(opt, r.schedule, plan.epochs, batches.steps())
+    return TrainingState(objective, opt, sched, generators), batches
+
+
+def _resume(plan: Plan, state: TrainingState, ctx: DistContext) -> None:
+    """``--resume``: continue from the plan's saved state if there is one (else start from epoch 1)."""
+    if plan.state_path.is_file():
+        state.load(plan.state_path, plan.config())
+    elif ctx.is_main:
+        from oodens.progress import stderr
+
+        stderr.print(f"--resume: no training state at {plan.state_path}, starting from epoch 1")
+
+
+def _run_epochs(plan: Plan, state: TrainingState, batches: _Batches, last: int, ctx: DistContext, dev) -> None:
+    """Train from ``state.epoch`` up to epoch ``last`` with a progress bar (rank 0), the members wrapped in
+    DistributedDataParallel under torchrun; rank 0 saves the state after every epoch."""
+    net = state.objective
+    if ctx.enabled:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    steps = batches.steps()
+    members_txt = f" x{plan.members} ({plan.method}{', ' + plan.diversity.name if plan.diversity else ''})" \
+        if plan.members > 1 else ""
+    with progress_bar(transient=False) as bar:
+        bar.disable = bar.disable or not ctx.is_main
+        task = bar.add_task(f"train {plan.arch}{members_txt} seed {plan.seed}", total=plan.epochs * steps,
+                            completed=state.epoch * steps, info="")
+        while state.epoch < last:
+            totals = _train_epoch(net, state, batches, plan.per_step, dev, lambda: bar.advance(task))
+            loss_sum, n, correct, seen = all_reduce_sum(totals, ctx, dev)
+            state.epoch += 1
+            bar.update(task, info=f"epoch {state.epoch}/{plan.epochs} loss {loss_sum / max(n, 1.0):.3f} "
+                                  f"acc {100 * correct / max(seen, 1.0):.1f}%")
+            if ctx.is_main:
+                state.save(plan.state_path, plan.config())
+
+
+def _train_epoch(net: nn.Module, state: TrainingState, batches: _Batches, per_step: bool, dev,
+                 advance: Callable[[], None]) -> list[float]:
+    """One pass over the training split: per batch the objective's loss, its gradient, an SGD step (and a
+    schedule step if the schedule is per step). Returns this process's [loss * n, n, correct, seen]."""
+    state.objective.train()
+    totals = torch.zeros(4, dtype=torch.float64, device=dev)
+    for x, y, x_out in batches.epoch(state.generators):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x_out = x_out.to(dev, non_blocking=True) if x_out is not None else None
+        loss, stats = net(x, y, x_out)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        if per_step:
+            state.scheduler.step()
+        totals += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=dev,
+                              dtype=torch.float64), stats[0].double(), stats[1].double()])
+        advance()
+    if not per_step:
+        state.scheduler.step()
+    return totals.tolist()
+
+
+def _save_modes(plan: Plan, objective: Objective, test: DataSource, ctx: DistContext, dev,
+                workers: int) -> list[float]:
+    """Each member's ID test accuracy, and each member saved as a mode with its sidecar; returns the accuracies."""
+    accuracies = _test_accuracies(objective, test, get_preset(plan.preset), max(plan.batch_size, 256), dev, workers)
+    for k, (m, path) in enumerate(zip(objective.members, plan.checkpoints)):
+        save_checkpoint(path, m.cpu(), plan.sidecar(objective, k, accuracies[k], ctx.world_size, dev),
+                        prefix="module." if plan.recipe.module_prefix else "")
+    return accuracies
+
+
+def _test_accuracies(objective: Objective, source: DataSource, preset: Preset, batch_size: int, dev,
+                     workers: int) -> list[float]:
+    """Each member's accuracy on the ID test split (a leave-out member: on the samples of its kept classes)."""
+    k = len(objective.members)
+    correct, seen = [0] * k, [0] * k
+    objective.eval()
+    with torch.inference_mode():
+        for x, y in source.loader(preset, batch_size, workers):
+            x, y = x.to(dev), torch.as_tensor(y, dtype=torch.long).to(dev)
+            for i, m in enumerate(objective.members):
+                t = objective.targets(i, y)
+                keep = t >= 0
+                correct[i] += int((m(x).argmax(1)[keep] == t[keep]).sum())
+                seen[i] += int(keep.sum())
+    return [c / s if s else float("nan") for c, s in zip(correct, seen)]
 
 
 def train_mode(

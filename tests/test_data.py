@@ -136,6 +136,21 @@ def test_cifar_benchmark_names_present_and_missing_sets(tmp_path):
         b.select_ood(["iSUN"])
 
 
+def test_one_table_of_dataset_facts(tmp_path):
+    """Every spelling in use finds the same facts, and the benchmarks built from them agree."""
+    from oodens.data import DATASETS, find_dataset
+
+    for name, facts in DATASETS.items():
+        for spelling in (name, facts.folder, facts.folder.upper(), facts.folder.lower()):
+            assert find_dataset(spelling) is facts
+        assert get_preset(facts.preset).name == facts.preset
+    assert find_dataset("mnist") is None
+    assert get_benchmark("digits").num_classes == DATASETS["digits"].num_classes
+    write_cifar_benchmark(tmp_path, ("SVHN",))
+    assert get_benchmark("cifar10", tmp_path).num_classes == 10
+    assert get_benchmark("CIFAR10", tmp_path).kinds == {"SVHN": "far"}
+
+
 def test_benchmark_errors_name_the_expected_layout(tmp_path):
     with pytest.raises(OodensError, match="needs a data root"):
         get_benchmark("cifar10", None)

@@ -119,22 +119,45 @@ def test_gradient_reaches_every_member(name):
     x = torch.randn(8, 1, 8, 8)
     y = torch.arange(8) % 6
     div = DIVERSITIES[name]
-    if div.needs == "maps":
-        stages = [m.rankfeat_stages(x) for m in members]
-        loss = div.fn([a for a, _ in stages], [m.logits_from_last_stage(last) for m, (_, last) in zip(members, stages)],
-                      y)
-    elif div.needs == "input":
-        xg = x.clone().requires_grad_(True)
-        loss = div.fn(xg, [m(xg) for m in members], y)
-    elif div.needs == "outliers":
-        loss = div.fn([m(torch.rand(8, 1, 8, 8)) for m in members])
-    else:
-        loss = div.fn([m(x) for m in members], y)
+    x_out = torch.rand(8, 1, 8, 8) if div.uses_outliers else None
+    logits, loss = div.loss(members, x, y, x_out)
+    assert [z.shape for z in logits] == [(8, 6)] * 3  # the ID batch's logits, for the CE term
     assert torch.isfinite(loss)
     loss.backward()
     for i, m in enumerate(members):
         grads = [p.grad for p in m.parameters() if p.grad is not None]
         assert grads and any(float(g.abs().sum()) > 0 for g in grads), f"{name}: member {i} got no gradient"
+
+
+@pytest.mark.parametrize("name", ["gradcam", "input-grad", "ncl", "adp"])
+def test_a_diversity_term_is_its_formula_on_the_members_outputs(name):
+    """``loss`` runs the members as the formula needs and hands it their outputs: the same value as the
+    formula on outputs computed by hand."""
+    torch.manual_seed(1)
+    members = [create_model("cnn", 6) for _ in range(2)]
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    logits, term = DIVERSITIES[name].loss(members, x, y)
+    if name == "gradcam":
+        stages = [m.rankfeat_stages(x) for m in members]
+        expected = gradcam([a for a, _ in stages], [m.logits_from_last_stage(last) for m, (_, last) in
+                                                    zip(members, stages)], y)
+    elif name == "input-grad":
+        xg = x.clone().requires_grad_(True)
+        expected = input_grad(xg, [m(xg) for m in members], y)
+    else:
+        expected = {"ncl": ncl, "adp": adp}[name]([m(x) for m in members], y)
+    assert all(torch.equal(z, m(x)) for z, m in zip(logits, members))
+    assert torch.equal(term, expected)
+
+
+def test_outlier_exposure_reads_the_outlier_rows_of_one_pass():
+    torch.manual_seed(2)
+    members = [create_model("cnn", 6) for _ in range(2)]
+    x, x_out, y = torch.randn(4, 1, 8, 8), torch.rand(3, 1, 8, 8), torch.arange(4)
+    logits, term = DIVERSITIES["oe"].loss(members, x, y, x_out)
+    both = [m(torch.cat([x, x_out])) for m in members]
+    assert all(torch.equal(z, b[:4]) for z, b in zip(logits, both))
+    assert torch.equal(term, oe([b[4:] for b in both]))
 
 
 def test_default_lambdas():

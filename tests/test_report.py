@@ -16,7 +16,7 @@ import pytest
 from scipy import stats as sps
 from scipy.special import softmax
 
-from oodens import report, stats
+from oodens import report, results, stats
 from oodens.cli import main
 from oodens.metrics import ood_metrics
 from oodens.paths import shipped_modes_dir
@@ -119,7 +119,7 @@ def test_holm_by_hand():
 
 def test_mode_stats_match_records_by_hand(store):
     recs = raw_records(store["results"])
-    frame = report.load_frame(store["results"])
+    frame = results.load_frame(store["results"])
     st = report.stats_frame(frame, ["fpr95"])
     oods = ["digits-6789", "letters", "noise", "far", "average"]
     assert set(st["ood"]) == set(oods)
@@ -180,7 +180,7 @@ def test_id_quality_table_and_reliability_match_the_views(store):
     probs = {m: softmax(np.load(views / m / "digits" / "test" / "logits.npy").astype(np.float64), axis=1)
              for m in MODES}
     probs["ensemble"] = np.mean([probs[m] for m in MODES], axis=0)
-    frame = report.load_frame(store["results"])
+    frame = results.load_frame(store["results"])
     first = frame[frame["ood"] == "average"].drop_duplicates("member").set_index("member")
     for member, p in probs.items():
         for key, value in hand_quality(p, labels).items():
@@ -201,7 +201,7 @@ def test_id_quality_table_and_reliability_match_the_views(store):
 
 def test_captions_say_how_the_ensemble_predicts(store):
     # independent seeds: the averaged logits; leave-out members (ELOC): the spread, averaged softmax
-    frame = report.load_frame(store["results"])
+    frame = results.load_frame(store["results"])
     assert not frame["leave_out"].any()
     (table,) = report.quality_tables(frame)
     assert "argmax of the averaged logits" in table.caption and "left out" not in table.caption
@@ -220,7 +220,7 @@ def test_shift_table_accuracy_by_hand(store):
 
     logits = {s: [np.load(views / m / f"digits-C_{s}" / "test" / "logits.npy").astype(np.float64) for m in MODES]
               for s in ("contrast-1", "jpeg-1")}
-    (table,) = report.shift_tables(report.load_frame(store["results"]))
+    (table,) = report.shift_tables(results.load_frame(store["results"]))
     cells = table.frame.set_index("set")
     assert list(cells.index) == ["clean", "contrast-1", "jpeg-1", "C-1"]
     for s, zs in logits.items():
@@ -237,7 +237,7 @@ def test_csv_round_trips_through_pandas(store, tmp_path, capsys):
     path = tmp_path / "out" / "report.csv"
     code, _, err = run(["report", "--results", str(store["results"]), "--csv", str(path)], capsys)
     assert code == 0, err
-    expected = report.tidy(report.load_frame(store["results"]))
+    expected = results.tidy(results.load_frame(store["results"]))
     back = pd.read_csv(path)
     assert list(back.columns) == list(expected.columns)
     pd.testing.assert_frame_equal(back, expected, check_dtype=False, check_exact=False, rtol=1e-15, atol=0)

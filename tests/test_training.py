@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy.special import softmax
 
+from oodens import results
 from oodens.archs import ARCHS, create_model
 from oodens.cli import main
 from oodens.data import get_preset
@@ -324,9 +325,8 @@ def test_leave_out_members_train_and_evaluate_with_eloc(tmp_path, capsys):
     recs = json.loads(out)
     assert {r["member"] for r in recs} == {"ensemble"} and {r["strategy"] for r in recs} == {"ensemble"}
     assert all(0 <= r["auroc"] <= 1 for r in recs)
-    from oodens import report  # the stored run knows its members left classes out
-
-    assert report.load_frame(tmp_path / "res")["leave_out"].all()
+    # the stored run knows its members left classes out
+    assert results.load_frame(tmp_path / "res")["leave_out"].all()
 
     # ensemble accuracy: argmax of the members' softmax spread over the 6 classes and averaged
     code, _, err = run(["extract", "--modes", str(folder), "--cache-dir", cache, "--export", str(tmp_path / "v")],

@@ -1,9 +1,9 @@
 """Benchmarks as data: an ID train split, an ID test split and named OOD sets.
 
-Each benchmark is a declarative table of where its sets live under a data root (the
-layout the mode-ensemble paper's code expects); sources are only built when used, so
-naming a benchmark costs no I/O. OOD sets that are not on disk are skipped with one
-warning; no OOD set at all is an error.
+Where each benchmark's sets live under a data root (the layout the mode-ensemble paper's code
+expects) and its class count are facts of :data:`oodens.data.datasets.DATASETS`; sources are only
+built when used, so naming a benchmark costs no I/O. OOD sets that are not on disk are skipped with
+one warning; no OOD set at all is an error.
 
     DIR/CIFAR10, DIR/CIFAR100            torchvision python format
     DIR/ood_data/svhn/test_32x32.mat     SVHN
@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from oodens.data import digits
 from oodens.data.corruptions import CorruptedSource, parse_corruptions
-from oodens.data.sources import CifarSource, DataSource, SvhnSource, image_folder, image_list
+from oodens.data.datasets import DATASETS, Dataset
+from oodens.data.sources import ArraySource, CifarSource, DataSource, SvhnSource, image_folder, image_list
 from oodens.errors import OodensError
 
 Factory = Callable[[], DataSource]
@@ -105,35 +107,22 @@ def source_from_path(name: str, path: Path, imglist_root: Path | None = None) ->
     raise OodensError(f"--ood {name}={path}: expected an image folder, an image list .txt or a .mat file")
 
 
-# ------------------------------------------------------------------ the benchmark tables
-
-CIFAR_OOD = {
-    "SVHN": ("ood_data/svhn/test_32x32.mat", "svhn"),
-    "LSUN": ("ood_data/LSUN", "folder"),
-    "LSUN_resize": ("ood_data/LSUN_resize", "folder"),
-    "iSUN": ("ood_data/iSUN", "folder"),
-    "Texture": ("ood_data/dtd/images", "folder"),
-    "places365": ("ood_data/places365", "folder"),
-}
-IMAGENET_OOD = {
-    "iNaturalist": ("ood_data/iNaturalist", "folder"),
-    "SUN": ("ood_data/SUN", "folder"),
-    "Places": ("ood_data/Places", "folder"),
-    "Texture": ("ood_data/dtd/images", "folder"),
-}
+# ------------------------------------------------------------------ the benchmarks
 
 
-def _ood_table(root: Path, table: dict[str, tuple[str, str]]):
+def _ood_sets(root: Path, facts: Dataset):
+    """The dataset's OOD sets (:mod:`oodens.data.datasets`): factories for those on disk, and where the
+    others were expected."""
     present, missing = {}, {}
-    for name, (rel, kind) in table.items():
-        path = root / rel
+    for s in facts.ood_sets:
+        path = root / s.path
         if not path.exists():
-            missing[name] = str(path)
-        elif kind == "svhn":
-            present[name] = lambda name=name, path=path: SvhnSource(name, "test", path)
+            missing[s.name] = str(path)
+        elif s.reader == "svhn":
+            present[s.name] = lambda name=s.name, path=path: SvhnSource(name, "test", path)
         else:
-            present[name] = lambda name=name, path=path: image_folder(name, "test", path, labelled=False)
-    return present, missing
+            present[s.name] = lambda name=s.name, path=path: image_folder(name, "test", path, labelled=False)
+    return present, missing, {s.name: s.kind for s in facts.ood_sets if s.name in present}
 
 
 def _require(path: Path, what: str, layout: str) -> None:
@@ -141,45 +130,53 @@ def _require(path: Path, what: str, layout: str) -> None:
         raise OodensError(f"{what} not found at {path} (expected {layout}; set --data-root DIR or OODENS_DATA)")
 
 
-def _cifar(n: int):
+def _cifar(facts: Dataset):
+    n = facts.num_classes
+
     def make(root: Path | None) -> Benchmark:
-        root = _need_root(root, f"cifar{n}")
-        folder = root / f"CIFAR{n}"
+        root = _need_root(root, facts.name)
+        folder = root / facts.data_dir
         layout = f"{folder}/{'cifar-10-batches-py' if n == 10 else 'cifar-100-python'} in torchvision's python format"
         _require(folder, f"CIFAR-{n}", layout)
 
         def split(s):
             def build():
                 try:
-                    return CifarSource(f"cifar{n}", s, folder, n)
+                    return CifarSource(facts.name, s, folder, n)
                 except FileNotFoundError as e:
                     raise OodensError(f"CIFAR-{n} {s} split not found: {e} (expected {layout})") from None
             return build
 
-        ood, missing = _ood_table(root, CIFAR_OOD)
-        return Benchmark(f"cifar{n}", n, split("train"), split("test"), ood, missing, {k: "far" for k in ood})
+        return Benchmark(facts.name, n, split("train"), split("test"), *_ood_sets(root, facts))
     return make
 
 
 def _imagenet(root: Path | None) -> Benchmark:
-    root = _need_root(root, "imagenet")
-    base = root / "imagenet"
+    facts = DATASETS["imagenet"]
+    root = _need_root(root, facts.name)
+    base = root / facts.data_dir
 
     def split(s):
         def build():
             _require(base / s, f"ImageNet {s} split", f"{base / s}/<class>/<image> (ImageFolder)")
-            return image_folder("imagenet", s if s == "train" else "test", base / s, labelled=True)
+            return image_folder(facts.name, s if s == "train" else "test", base / s, labelled=True)
         return build
 
     _require(base / "val", "ImageNet val split", f"{base / 'val'}/<class>/<image> (ImageFolder)")
-    ood, missing = _ood_table(root, IMAGENET_OOD)
-    return Benchmark("imagenet", 1000, split("train"), split("val"), ood, missing, {k: "far" for k in ood})
+    return Benchmark(facts.name, facts.num_classes, split("train"), split("val"), *_ood_sets(root, facts))
 
 
 def _digits(root: Path | None) -> Benchmark:
-    from oodens.data import digits
+    """The embedded benchmark: arrays built from scikit-learn's bundled digits (no data root)."""
+    facts = DATASETS["digits"]
 
-    return digits.benchmark()
+    def source(name, split, build):
+        return lambda: ArraySource(name, split, build)
+
+    ood = {name: source(name, "test", build) for name, (build, _) in digits.OOD_SETS.items()}
+    return Benchmark(facts.name, facts.num_classes, source(facts.name, "train", digits.id_train),
+                     source(facts.name, "test", digits.id_test), ood,
+                     kinds={name: kind for name, (_, kind) in digits.OOD_SETS.items()})
 
 
 def _need_root(root: Path | None, bench: str) -> Path:
@@ -195,8 +192,8 @@ def _need_root(root: Path | None, bench: str) -> Path:
 #: benchmark name -> factory(data root). New benchmarks register here.
 BENCHMARKS: dict[str, Callable[[Path | None], Benchmark]] = {
     "digits": _digits,
-    "cifar10": _cifar(10),
-    "cifar100": _cifar(100),
+    "cifar10": _cifar(DATASETS["cifar10"]),
+    "cifar100": _cifar(DATASETS["cifar100"]),
     "imagenet": _imagenet,
 }
 

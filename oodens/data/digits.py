@@ -17,8 +17,6 @@ import string
 
 import numpy as np
 
-from oodens.data.benchmarks import Benchmark
-from oodens.data.sources import ArraySource
 
 ID_CLASSES = (0, 1, 2, 3, 4, 5)
 TEST_FRACTION = 0.3
@@ -101,15 +99,3 @@ def noise(n: int = N_FAR, seed: int = 4242):
 
 #: the benchmark's OOD sets: name -> (images and labels, "near" or "far")
 OOD_SETS = {"digits-6789": (digits_6789, "near"), "letters": (letters, "far"), "noise": (noise, "far")}
-
-
-# TODO(import cycle data.benchmarks <-> data.digits): this function moves, as it stands, to
-# ``_digits`` in data/benchmarks.py (which then imports this module at its top); then this
-# function and the two imports of Benchmark and ArraySource above go.
-def benchmark() -> Benchmark:
-    def source(name, split, build):
-        return lambda: ArraySource(name, split, build)
-
-    ood = {name: source(name, "test", build) for name, (build, _) in OOD_SETS.items()}
-    return Benchmark("digits", len(ID_CLASSES), source("digits", "train", id_train), source("digits", "test", id_test),
-                     ood, kinds={name: kind for name, (_, kind) in OOD_SETS.items()})

@@ -28,6 +28,7 @@ from oodens.data.sources import ArraySource, DataSource, resize_crop, to_tensor
 from oodens.distributed import DistContext
 from oodens.errors import OodensError
 
+
 def _random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:
     """Translate each image of a batch by up to ``shift`` pixels (zero fill)."""
     if shift == 0:
@@ -106,6 +107,7 @@ AUGMENTS = {
     "crop32-flip": Augment(sample=crop_flip),
     "rrc224-flip": Augment(sample=resized_crop_flip),
 }
+
 
 def _global_batches(n: int, batch_size: int, g: torch.Generator, world: int, count: int | None,
                     per_batch: Callable[[torch.Tensor], object] = lambda idx: None) -> Iterator:
