@@ -51,21 +51,21 @@ def setting_name(detector: str, strategy: str, params: dict, fit_fraction: float
     return f"{detector} · {strategy}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def _row_identity(r: dict) -> tuple[str, float, str]:
+def _row_identity(r: dict) -> tuple[str, float, str | None]:
     """(role, k, stat) of a record. Stores written before records carried ``role`` named the row in
     ``member`` only (``mean``, ``std``, ``ensemble``, ``subsets-<k>-<stat>`` or a mode name)."""
     if "role" in r:
         k = r.get("k")
-        return r["role"], float(k) if k is not None else math.nan, r.get("stat") or ""
+        return r["role"], float(k) if k is not None else math.nan, r.get("stat")
     member = r["member"]
     if member.startswith("subsets-"):
         _, k, stat = member.split("-")
         return "subsets", float(k), stat
     if member in ("mean", "std"):
-        return member, math.nan, ""
+        return member, math.nan, None
     if member == "ensemble":
-        return "ensemble", float(r["n_members"]), ""
-    return "member", 1.0, ""
+        return "ensemble", float(r["n_members"]), None
+    return "member", 1.0, None
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
