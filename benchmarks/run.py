@@ -53,14 +53,15 @@ import torch
 
 import oodens
 from oodens.archs import create_model
-from oodens.checkpoints import save_checkpoint
 from oodens.data import Benchmark, get_preset
 from oodens.data.sources import DataSource
 from oodens.detectors import DETECTORS
-from oodens.extract import extract
-from oodens.modes import discover_modes
-from oodens.viewkinds import VIEW_KINDS
-from oodens.views import ViewCache, Views
+from oodens.modes.checkpoints import save_checkpoint
+from oodens.modes.discovery import discover_modes
+from oodens.views.cache import ViewCache
+from oodens.views.extract import extract
+from oodens.views.kinds import VIEW_KINDS
+from oodens.views.types import Views
 
 
 class SyntheticSource(DataSource):
@@ -165,7 +166,7 @@ def bench_grid(work: Path, quick: bool, batch_size: int) -> dict:
     # (+ ID train for detectors that fit), once per mode and once more for the ensemble;
     # pass times measured on one mode, times the number of modes
     model = modes[0].load()
-    from oodens.views import BASE
+    from oodens.views.types import BASE
 
     pass_time = {}
     for spec in [BASE, *specs]:

@@ -1,7 +1,8 @@
 """oodens: post-hoc ensemble out-of-distribution evaluation of image classifiers.
 
-Data flow (one direction): checkpoints -> modes -> extraction -> views (cached)
--> detectors -> strategies -> metrics -> results -> report.
+Data flow (one direction), one subpackage per stage: checkpoints -> modes (``modes``) -> extraction ->
+views, cached (``views``) -> ``detectors`` -> ``ensemble`` (strategies, evaluation) -> ``metrics`` ->
+``results`` -> ``report``; ``runtime``, ``train`` and ``cli`` stand beside it.
 
 The public API (every ``oodens`` command is a thin caller of it)::
 
@@ -21,10 +22,10 @@ from oodens.api import (Experiment, ModeSet, ModeViews, OodensWarning, Results, 
 from oodens.archs import ARCHS, create_model  # noqa: E402
 from oodens.data import BENCHMARKS  # noqa: E402
 from oodens.detectors import DETECTORS  # noqa: E402
+from oodens.ensemble.strategies import STRATEGIES  # noqa: E402
 from oodens.errors import NotFittedError, OodensError, ParameterError  # noqa: E402
-from oodens.metrics import METRICS  # noqa: E402
-from oodens.strategies import STRATEGIES  # noqa: E402
-from oodens.views import Views  # noqa: E402
+from oodens.metrics.ood import METRICS  # noqa: E402
+from oodens.views.types import Views  # noqa: E402
 
 __all__ = ["ARCHS", "BENCHMARKS", "DETECTORS", "METRICS", "STRATEGIES", "Experiment", "ModeSet", "ModeViews",
            "NotFittedError", "OodensError", "OodensWarning", "ParameterError", "Results", "Run", "Views",

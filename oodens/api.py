@@ -29,12 +29,13 @@ from oodens.data import get_benchmark as _registered_benchmark
 from oodens.data import data_root as _resolve_root
 from oodens.data import get_preset, source_from_path
 from oodens.detectors import DETECTORS, Detector, get_detector
+from oodens.ensemble.evaluate import DetectorRun, MemberSet, Sweep, evaluate_detector, id_quality
 from oodens.errors import OodensError, ParameterError
-from oodens.evaluate import DetectorRun, MemberSet, Sweep, evaluate_detector, id_quality
-from oodens.metrics import POSITIVES
-from oodens.modes import Mode, ModeFlags, discover_modes
-from oodens.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
-from oodens.views import Views, ViewCache
+from oodens.metrics.ood import POSITIVES
+from oodens.modes.discovery import Mode, ModeFlags, discover_modes
+from oodens.runtime.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
+from oodens.views.cache import ViewCache
+from oodens.views.types import Views
 
 
 class OodensWarning(UserWarning):
@@ -47,7 +48,7 @@ class OodensWarning(UserWarning):
 
 @dataclass
 class ModeSet:
-    """The modes (one checkpoint per seed) found in one folder: a sequence of :class:`oodens.modes.Mode`."""
+    """The modes (one checkpoint per seed) found in one folder: a sequence of :class:`oodens.modes.discovery.Mode`."""
 
     path: Path
     modes: list[Mode]
@@ -256,16 +257,16 @@ class Experiment:
     def extract(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *, train: bool = True,
                 distributed: bool = False, on_progress: Callable | None = None):
         """Make sure every view these detectors read is cached (one forward pass per mode and split) and
-        return the :class:`oodens.extract.Extraction`. ``distributed``: under torchrun, ranks share each
+        return the :class:`oodens.views.extract.Extraction`. ``distributed``: under torchrun, ranks share each
         pass and rank 0 writes (the others get ``None``)."""
-        from oodens.extract import extract as run_extract
+        from oodens.views.extract import extract as run_extract
 
         dets = detector_list(detectors) if detectors else []
         specs = [s for d in dets for s in d.view_specs()]
         kw = dict(specs=specs, base_only=[self.train_source] if train else [], **self.run_options)
         if not distributed:
             return run_extract(list(self.modes), self.sources(train), self.cache, **kw)
-        from oodens.distributed import process_group
+        from oodens.runtime.distributed import process_group
 
         with process_group(self.run_options["device"]) as (ctx, dev):
             ex = run_extract(list(self.modes), self.sources(train), self.cache, **{**kw, "device": dev})
@@ -313,7 +314,7 @@ class Experiment:
         modes (k, a list, or ``"all"``), at most ``max_subsets`` per k (a seeded sample).
         ``skip_inapplicable``: skip (with a warning) detectors that do not apply to these modes instead of
         raising (default: only for ``"all"``)."""
-        from oodens.strategies import STRATEGIES, resolve_strategy
+        from oodens.ensemble.strategies import STRATEGIES, resolve_strategy
 
         if positive not in POSITIVES:
             raise ParameterError("experiment", "positive", positive, f"is not one of {', '.join(POSITIVES)}")
@@ -394,8 +395,8 @@ class Results:
 
     def table(self, metric: str = "fpr95", oods: Sequence[str] | None = None):
         """The papers' wide table for one metric (rows detector x member, columns OOD sets): a
-        :class:`oodens.report.Table` (``.frame`` holds the cells; prints as Markdown, renders in notebooks)."""
-        from oodens.report import ood_tables
+        :class:`oodens.report.tables.Table` (``.frame`` holds the cells; prints as Markdown, renders in notebooks)."""
+        from oodens.report.tables import ood_tables
 
         tables = ood_tables(self.wide(), [metric], list(oods) if oods else None)
         if len(tables) != 1:

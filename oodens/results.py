@@ -5,7 +5,7 @@ convention), ``<results>/runs/<settings sha256[:16]>.json`` holding ``{"settings
 Re-running the same setting replaces its file (atomically) instead of duplicating records.
 
 Frame (:func:`records_frame`): one row per record with the settings merged in: the :data:`KEYS`
-columns (``role``, ``k`` and ``stat`` say what a row is, see :mod:`oodens.evaluate`) and one column per
+columns (``role``, ``k`` and ``stat`` say what a row is, see :mod:`oodens.ensemble.evaluate`) and one column per
 metric (fractions; NaN where a record has none). :func:`tidy` is the long form, one row per record
 and metric, which ``Results.frame()``, ``report --csv`` and ``report --json`` give.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from oodens.checkpoints import atomic_write_bytes
 from oodens.errors import OodensError
-from oodens.metrics import METRICS
+from oodens.metrics.ood import METRICS
+from oodens.modes.checkpoints import atomic_write_bytes
 
 #: every metric a record can carry: OOD metrics, ID quality, accuracy under shift
 VALUES = tuple(METRICS)

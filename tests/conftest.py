@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oodens.paths import shipped_modes_dir
+from oodens.runtime.paths import shipped_modes_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

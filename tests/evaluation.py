@@ -1,7 +1,7 @@
 """Calling the library's per-detector evaluation from tests by registry name, and naming record rows."""
 
 from oodens.detectors import get_detector
-from oodens.evaluate import MemberSet, Sweep, evaluate_detector
+from oodens.ensemble.evaluate import MemberSet, Sweep, evaluate_detector
 
 
 def evaluate_named(name, params, strategy, members, train, id_test, oods, positive="id", ensemble_sizes=(),

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs import arch_folder, canonical_arch, create_model
-from oodens.checkpoints import load_weights, read_state_dict
 from oodens.data import get_preset
+from oodens.modes.checkpoints import load_weights, read_state_dict
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COMPAT = SHARED / "compat"
@@ -310,7 +310,7 @@ def test_rankfeat_stages_consistent_with_forward(built):
 
 def test_rank1_removal_applies_to_stage_maps(built):
     """What the rankfeat view does with the maps: (B, C, H*W) matrices, rank-1 part removed."""
-    from oodens.viewkinds import remove_rank1
+    from oodens.views.kinds import remove_rank1
 
     m, out = built.model, built.out
     with torch.no_grad():

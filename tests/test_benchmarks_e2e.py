@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from oodens.archs import create_model
-from oodens.checkpoints import read_state_dict
 from oodens.cli import main
 from oodens.data import get_preset
 from oodens.detectors.shaping import dice_mask
+from oodens.modes.checkpoints import read_state_dict
 
 from datasets import write_cifar, write_cifar_benchmark, write_images
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from oodens.data import get_benchmark, get_preset
-from oodens.extract import export_views, extract
-from oodens.modes import Mode, discover_modes
-from oodens.paths import default_cache_dir
-from oodens.views import ViewCache
+from oodens.modes.discovery import Mode, discover_modes
+from oodens.runtime.paths import default_cache_dir
+from oodens.views.cache import ViewCache
+from oodens.views.extract import export_views, extract
 
 from conftest import snapshot
 
@@ -112,10 +112,10 @@ KILLER = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    import oodens.extract as E
+    import oodens.views.extract as E
     from oodens.data import get_benchmark
-    from oodens.modes import discover_modes
-    from oodens.views import ViewCache
+    from oodens.modes.discovery import discover_modes
+    from oodens.views.cache import ViewCache
 
     calls = {"n": 0}
     real = E._compute_into

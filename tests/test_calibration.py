@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from oodens import calibration as cal
+from oodens.metrics import calibration as cal
 
 
 def _data(seed=0, n=400, c=5):

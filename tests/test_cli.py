@@ -13,7 +13,7 @@ from scipy.special import softmax
 
 from oodens.archs import ARCH_FOLDERS, ARCHS, register_arch
 from oodens.cli import main
-from oodens.metrics import ood_metrics
+from oodens.metrics.ood import ood_metrics
 
 from conftest import snapshot
 from evaluation import row

@@ -26,7 +26,7 @@ import pytest
 import oodens.detectors
 from oodens.detectors import DETECTORS, KNN, NotFittedError, ParameterError, check_is_fitted
 from oodens.errors import OodensError
-from oodens.views import Views
+from oodens.views.types import Views
 
 CLASSES = list(DETECTORS.values())
 IDS = list(DETECTORS)

@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from oodens.archs import create_model
-from oodens.checkpoints import load_weights, read_state_dict
 from oodens.data import get_benchmark, get_preset
 from oodens.detectors import DETECTORS
 from oodens.detectors.shaping import dice_mask
 from oodens.detectors.subspace import vim_default_dim
+from oodens.ensemble.evaluate import subsets
 from oodens.errors import OodensError
-from oodens.evaluate import subsets
+from oodens.modes.checkpoints import load_weights, read_state_dict
 from evaluation import evaluate_named, row
-from oodens.metrics import OOD_METRICS, ood_metrics
-from oodens.strategies import ensemble_scores
-from oodens.viewkinds import odin_view, rankfeat_view, remove_rank1
-from oodens.views import Views
+from oodens.ensemble.strategies import ensemble_scores
+from oodens.metrics.ood import OOD_METRICS, ood_metrics
+from oodens.views.kinds import odin_view, rankfeat_view, remove_rank1
+from oodens.views.types import Views
 
 REPO = Path(__file__).resolve().parents[1]
 DICE_FIXTURE = REPO.parent / "shared" / "fixtures" / "dice-densenet-bc100-cifar10"

@@ -10,9 +10,9 @@ import pytest
 
 import oodens.detectors.feature as feature_mod
 from oodens.detectors import DETECTORS, get_detector, parse_detectors
+from oodens.ensemble.strategies import STRATEGIES, resolve_strategy
 from oodens.errors import OodensError
-from oodens.strategies import STRATEGIES, resolve_strategy
-from oodens.views import Views
+from oodens.views.types import Views
 
 from reference import ref_knn, ref_mahalanobis
 

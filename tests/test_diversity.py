@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from oodens.archs import create_model
-from oodens.diversity import DIVERSITIES, adp, gradcam, input_grad, ncl, oe
+from oodens.train.diversity import DIVERSITIES, adp, gradcam, input_grad, ncl, oe
 
 N, B, C = 3, 5, 4
 

@@ -28,7 +28,7 @@ def test_wheel_ships_modes_and_evaluates_from_another_folder(tmp_path):
     recs = json.loads(out.stdout)
     assert {r["member"] for r in recs} == {f"seed-{s}" for s in (1000, 1100, 1200, 1300, 1400)} | {
         "mean", "std", "ensemble"}
-    code = "import oodens, oodens.paths as p; print(oodens.__file__); print(p.shipped_modes_dir())"
+    code = "import oodens, oodens.runtime.paths as p; print(oodens.__file__); print(p.shipped_modes_dir())"
     where = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(w.startswith(str(tmp_path / "site")) for w in where)

@@ -1,4 +1,4 @@
-"""oodens.metrics against independent computations (brute-force loops and sklearn).
+"""oodens.metrics.ood against independent computations (brute-force loops and sklearn).
 
 Convention: scores are higher for ID. See DESIGN.md section 7.
 """
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from oodens import stats
-from oodens.metrics import KINDS, METRICS, OOD_METRICS, QUALITY_METRICS, Metric, accuracy, ood_metrics
+from oodens.metrics import stats
+from oodens.metrics.ood import KINDS, METRICS, OOD_METRICS, QUALITY_METRICS, Metric, accuracy, ood_metrics
 
 KEYS = {"fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
 
@@ -388,7 +388,7 @@ def test_registry_direction_brute_force(name, positive):
 def test_quality_and_shift_direction_brute_force():
     """Accuracy: higher is better (all correct = 1). NLL, Brier, ECE: lower is better (0 for one-hot correct
     predictions), all worse for a confidently wrong predictor; see tests/test_calibration.py for their values."""
-    from oodens import calibration as cal
+    from oodens.metrics import calibration as cal
 
     y = np.array([0, 1, 2, 1])
     right, wrong = np.eye(3)[y], np.eye(3)[(y + 1) % 3] * 0.9 + 0.1 / 3

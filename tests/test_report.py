@@ -16,10 +16,12 @@ import pytest
 from scipy import stats as sps
 from scipy.special import softmax
 
-from oodens import report, results, stats
+from oodens import results
 from oodens.cli import main
-from oodens.metrics import ood_metrics
-from oodens.paths import shipped_modes_dir
+from oodens.metrics import stats
+from oodens.metrics.ood import ood_metrics
+from oodens.report import tables as report
+from oodens.runtime.paths import shipped_modes_dir
 
 MODES = ("seed-1000", "seed-1100", "seed-1200")
 DETECTORS = "msp,energy,pds"

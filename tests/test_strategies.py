@@ -8,9 +8,9 @@ import pytest
 from oodens.detectors import DETECTORS
 from oodens.errors import OodensError
 from evaluation import evaluate_named, row
-from oodens.metrics import OOD_METRICS, ood_metrics
-from oodens.strategies import STRATEGIES, ensemble_scores, resolve_strategy
-from oodens.views import Views
+from oodens.ensemble.strategies import STRATEGIES, ensemble_scores, resolve_strategy
+from oodens.metrics.ood import OOD_METRICS, ood_metrics
+from oodens.views.types import Views
 
 from reference import normalise64, ref_knn, ref_mahalanobis
 
@@ -257,7 +257,7 @@ def test_mean_features_mahalanobis(data):
 
 
 def test_ensemble_scores_direct(data):
-    """oodens.strategies.ensemble_scores called directly, for mean-logits, mean-scores and concat."""
+    """oodens.ensemble.strategies.ensemble_scores called directly, for mean-logits, mean-scores and concat."""
     sets = {"id": data["id"], "farood": data["oods"]["farood"]}
     energies = [DETECTORS["energy"]() for _ in range(3)]
     out = ensemble_scores("mean-logits", DETECTORS["energy"], energies, data["train"], sets)

@@ -5,7 +5,7 @@ import json
 import torch
 
 from oodens.cli import main
-from oodens.train import train_mode
+from oodens.train.loop import train_mode
 
 
 def test_same_seed_bit_identical_other_seed_differs(tmp_path):

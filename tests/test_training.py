@@ -20,13 +20,13 @@ from oodens.archs import ARCHS, create_model
 from oodens.cli import main
 from oodens.data import get_preset
 from oodens.data.sources import ArraySource
-from oodens.distributed import DistContext
-from oodens.eloc import eloc_loss, leave_out_split, relabel_table
 from oodens.errors import OodensError
-from oodens.modes import discover_modes
-from oodens.paths import shipped_modes_dir
-from oodens.data.feeds import AUGMENTS, LoaderFeed, TensorFeed, crop_flip
-from oodens.train import RECIPES, environment, train
+from oodens.modes.discovery import discover_modes
+from oodens.runtime.distributed import DistContext
+from oodens.runtime.paths import shipped_modes_dir
+from oodens.train.eloc import eloc_loss, leave_out_split, relabel_table
+from oodens.train.feeds import AUGMENTS, LoaderFeed, TensorFeed, crop_flip
+from oodens.train.loop import RECIPES, environment, train
 
 from datasets import write_cifar, write_images
 

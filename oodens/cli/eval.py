@@ -53,8 +53,8 @@ def eval_cmd(
     Views come from the cache (extracted once per mode and dataset); the records are also stored for
     `oodens report`.
     """
-    from oodens.paths import default_results_dir
-    from oodens.report import detector_tables, render_rich, summary_table
+    from oodens.report.tables import detector_tables, render_rich, summary_table
+    from oodens.runtime.paths import default_results_dir
 
     dets = _detectors(detector, options)  # hyperparameters checked before any work
     with warnings_to_stderr():

@@ -20,7 +20,7 @@ def extract_cmd(
     Under `torchrun --nproc_per_node N -m oodens extract ...` the ranks share each pass (whole batches) and
     rank 0 writes the views: the same views as one process.
     """
-    from oodens.extract import export_views
+    from oodens.views.extract import export_views
 
     with warnings_to_stderr():
         exp = experiment(options)

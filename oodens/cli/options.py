@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from oodens.progress import stderr, stdout  # noqa: F401  (the commands' consoles)
+from oodens.runtime.progress import stderr, stdout  # noqa: F401  (the commands' consoles)
 
 ModesOpt = typer.Option(None, "--modes", help="Folder of modes (seed-*/checkpoint). Default: the shipped digits modes.",
                         show_default=False)

@@ -1,4 +1,4 @@
-"""``oodens report``: tables, statistics and plots from the results store (:mod:`oodens.report`)."""
+"""``oodens report``: tables, statistics and plots from the results store (:mod:`oodens.report.tables`)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import typer
 
 from oodens.cli.options import ResultsOpt, names, stderr, stdout
 from oodens.errors import OodensError
-from oodens.paths import default_results_dir
-from oodens.report import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table, filter_frame,
-                           load_scores, ood_tables, parse_metrics, quality_tables, render_latex, render_markdown,
-                           render_rich, shift_tables, size_tables, stats_frame, stats_tables, to_json, view_probs,
-                           write_plots)
+from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
+                                  filter_frame, load_scores, ood_tables, parse_metrics, quality_tables, render_latex,
+                                  render_markdown, render_rich, shift_tables, size_tables, stats_frame, stats_tables,
+                                  to_json, view_probs, write_plots)
 from oodens.results import VALUES, load_frame, tidy
+from oodens.runtime.paths import default_results_dir
 
 
 def report_cmd(

@@ -1,4 +1,4 @@
-"""``oodens train``: one mode, an SDDE ensemble or an ELOC ensemble (:func:`oodens.train.train`)."""
+"""``oodens train``: one mode, an SDDE ensemble or an ELOC ensemble (:func:`oodens.train.loop.train`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def train_cmd(
 ):
     """Train one mode (one seed), an SDDE ensemble (--members/--diversity) or an ELOC ensemble (--leave-out),
     and save every member as a mode with its JSON sidecar. Under torchrun: DistributedDataParallel, rank 0 saves."""
-    from oodens.train import train
+    from oodens.train.loop import train
 
     result = train(seed, arch, dataset, epochs, out, lr, batch_size, device, members=members,
                    diversity=diversity, lam=lam, outliers=outliers, leave_out=leave_out, data_root=data_root,

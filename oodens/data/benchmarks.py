@@ -204,7 +204,7 @@ def data_root(flag: Path | None = None) -> Path | None:
         return Path(flag)
     if os.environ.get("OODENS_DATA"):
         return Path(os.environ["OODENS_DATA"])
-    from oodens.paths import config
+    from oodens.runtime.paths import config
 
     value = config().get("data_root")
     return Path(value) if value else None

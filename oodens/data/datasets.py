@@ -3,9 +3,9 @@
 Every other place that needs a class count, a save-folder name, a default preprocessing preset, a
 training recipe family or where a benchmark's files live reads it from here:
 
-- :mod:`oodens.modes` tells a mode's dataset from its path ``save/<folder>/<Arch>/<mode>`` and fills in
+- :mod:`oodens.modes.discovery` tells a mode's dataset from its path ``save/<folder>/<Arch>/<mode>`` and fills in
   the class count and preset a mode without a sidecar lacks;
-- :mod:`oodens.train` picks the recipe by ``family``, saves under ``folder`` and sizes the heads;
+- :mod:`oodens.train.loop` picks the recipe by ``family``, saves under ``folder`` and sizes the heads;
 - :mod:`oodens.data.benchmarks` builds each benchmark's ID splits from ``data_dir`` and its OOD sets
   from ``ood_sets``.
 
@@ -36,7 +36,7 @@ class Dataset:
     folder: str  # save/<folder>/<Arch>/<mode>, the mode-ensemble paper's layout
     num_classes: int
     preset: str  # default preprocessing preset (a key of oodens.data.presets.PRESETS)
-    family: str  # training recipe family (the second key of oodens.train.RECIPES)
+    family: str  # training recipe family (the second key of oodens.train.loop.RECIPES)
     data_dir: str | None = None  # the ID splits under the data root (None: embedded, no files)
     ood_sets: tuple[OodSet, ...] = ()  # evaluation OOD sets under the data root
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from oodens.errors import NotFittedError, OodensError, ParameterError
-from oodens.views import Views, ViewSpec
+from oodens.views.types import Views, ViewSpec
 
 
 def param(default: Any, help: str):

@@ -10,7 +10,7 @@ from scipy.special import softmax
 from oodens.detectors.base import Detector, param, register_detector
 from oodens.detectors.logit import entropy
 from oodens.errors import OodensError
-from oodens.views import Views
+from oodens.views.types import Views
 
 
 @dataclass

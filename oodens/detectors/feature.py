@@ -16,7 +16,7 @@ import numpy as np
 
 from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
 from oodens.errors import OodensError
-from oodens.views import Views
+from oodens.views.types import Views
 
 CHUNK = 8192  # query rows per block
 

@@ -9,7 +9,7 @@ from scipy.special import softmax
 
 from oodens.detectors.base import param, register_detector
 from oodens.detectors.logit import LogitDetector
-from oodens.views import Views
+from oodens.views.types import Views
 
 
 @register_detector

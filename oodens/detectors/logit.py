@@ -14,7 +14,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, param, register_detector
-from oodens.views import Views, ViewSpec
+from oodens.views.types import Views, ViewSpec
 
 
 def entropy(p: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from scipy.special import logsumexp
 from oodens.detectors.base import check_is_fitted, param, register_detector
 from oodens.detectors.logit import LogitDetector
 from oodens.errors import ParameterError
-from oodens.views import Views
+from oodens.views.types import Views
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
-from oodens.views import Views
+from oodens.views.types import Views
 
 
 def vim_default_dim(d: int) -> int:

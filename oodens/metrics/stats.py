@@ -9,7 +9,7 @@
   from its per-sample scores (ID and OOD resampled separately).
 
 Values are fractions, as in the records. Which way is "better", and how a metric is computed from
-scores, come from the registry ``oodens.metrics.METRICS``.
+scores, come from the registry ``oodens.metrics.ood.METRICS``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from oodens.metrics import METRICS, OOD_METRICS
+from oodens.metrics.ood import METRICS, OOD_METRICS
 
 
 def t_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -73,7 +73,7 @@ def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: flo
     the modes' mean, t-interval, std, min, max; the ensemble's value; the one-sided test of the ensemble
     against the modes, Holm-corrected over every row (detectors x OOD sets) of the result.
 
-    ``frame`` is oodens.report's records frame: one row per record with columns ``setting`` (detector,
+    ``frame`` is oodens.report.tables's records frame: one row per record with columns ``setting`` (detector,
     strategy, parameters), ``role`` (``"member"`` and ``"ensemble"`` rows are used), ``ood`` and the metric.
     Settings with fewer than two modes (nothing to test) or without an ensemble row are left out.
     """

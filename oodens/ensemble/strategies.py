@@ -22,7 +22,7 @@ from scipy.special import softmax
 
 from oodens.detectors import Detector
 from oodens.errors import OodensError
-from oodens.views import Views
+from oodens.views.types import Views
 
 
 def _labels(members: list[Views]):

@@ -19,15 +19,16 @@ import torch
 
 from oodens.data.presets import get_preset
 from oodens.data.sources import DataSource, IndexSource
-from oodens.device import resolve_device
-from oodens.distributed import DistContext, barrier
 from oodens.errors import OodensError
-from oodens.modes import Mode
-from oodens.paths import safe_name
-from oodens.progress import progress_bar
+from oodens.modes.discovery import Mode
+from oodens.runtime.device import resolve_device
+from oodens.runtime.distributed import DistContext, barrier
+from oodens.runtime.paths import safe_name
+from oodens.runtime.progress import progress_bar
 from oodens.version import __version__
-from oodens.viewkinds import VIEW_KINDS
-from oodens.views import BASE, HEAD, ViewCache, Views, ViewSpec, ViewWriter
+from oodens.views.cache import ViewCache, ViewWriter
+from oodens.views.kinds import VIEW_KINDS
+from oodens.views.types import BASE, HEAD, Views, ViewSpec
 
 Split = tuple[str, str]  # (dataset name, split)
 HEAD_SOURCE = {"name": "head", "split": "model"}

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from oodens.device import resolve_device
+from oodens.runtime.device import resolve_device
 
 
 @dataclass(frozen=True)

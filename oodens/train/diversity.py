@@ -14,7 +14,7 @@ Each formula needs the members run in its own way (the second-to-last stage kept
 differentiable, an outlier batch in the same pass), so each diversity is an object
 (:class:`Diversity`) whose one method, :meth:`Diversity.loss`, takes the members and the batch
 the training loop has, runs the members as its formula needs and returns their logits on the ID
-batch (for the cross-entropy term) and L_div. The SDDE objective (:class:`oodens.train.SDDE`)
+batch (for the cross-entropy term) and L_div. The SDDE objective (:class:`oodens.train.loop.SDDE`)
 adds ``mean_n CE(z_n, y) + lambda * L_div`` and knows nothing of the diversity it holds.
 ``DIVERSITIES`` names them with their default lambda.
 """

@@ -2,13 +2,13 @@
 
 :data:`METRICS` maps each metric's name to a :class:`Metric`: its table label, whether higher is
 better, whether it is shown as a percentage, its kind, and for OOD metrics the function computing it.
-Everything that needs to know about a metric (``ood_metrics``, ``oodens.stats``, ``oodens report``)
+Everything that needs to know about a metric (``ood_metrics``, ``oodens.metrics.stats``, ``oodens report``)
 reads it here, so there is one place where a metric is defined.
 
 Kinds:
 - ``"ood"``: computed from a pair of ID and OOD scores (FPR95, AUROC, AUPR-In, AUPR-Out, detection error);
 - ``"quality"``: ID-test quality and calibration of a member or the ensemble (accuracy here;
-  NLL, Brier and ECE in :mod:`oodens.calibration`);
+  NLL, Brier and ECE in :mod:`oodens.metrics.calibration`);
 - ``"shift"``: accuracy on a covariate-shift set.
 
 Scores follow one convention everywhere: higher = more in-distribution.

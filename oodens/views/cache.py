@@ -1,10 +1,10 @@
-"""Views and the view cache (DESIGN.md sections 2 and 8).
+"""The view cache (DESIGN.md sections 2 and 8); the view types are in :mod:`oodens.views.types`.
 
 A view is what a detector reads: ``logits`` (n, C), ``features`` (n, D, the
 penultimate layer after pooling) and ``labels`` (n,) of one mode on one dataset
 split (the ``base`` view), plus views that need the network and the images with
 parameters of their own (``odin[T,eps]`` and ``rankfeat[...]`` logits, see
-:mod:`oodens.extract`), and the mode's final layer (``head``: weight, bias). Views
+:mod:`oodens.views.extract`), and the mode's final layer (``head``: weight, bias). Views
 are computed once per mode, dataset and parameters, and cached on disk:
 
     <cache>/views/v<FORMAT>/<checkpoint sha256[:16]>/<dataset>-<split>-<kind>-<key[:16]>/
@@ -24,62 +24,14 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from oodens.paths import safe_name
+from oodens.runtime.paths import safe_name
+from oodens.views.types import BASE, ViewSpec
 
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """A view kind with its parameters, e.g. ``ViewSpec("odin", (("eps", 0.0014), ("temperature", 1000.0)))``."""
-
-    kind: str
-    params: tuple[tuple[str, float | int], ...] = ()
-
-    @classmethod
-    def of(cls, kind: str, **params) -> "ViewSpec":
-        return cls(kind, tuple(sorted(params.items())))
-
-    @property
-    def id(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in self.params)
-        return f"{self.kind}[{inner}]" if inner else self.kind
-
-    def identity(self) -> dict:
-        return {"kind": self.kind, "params": dict(self.params)}
-
-
-BASE = ViewSpec("base")
-HEAD = ViewSpec("head")
-
-
-@dataclass
-class Views:
-    """The arrays of one mode (or one combined ensemble) on one dataset split.
-
-    ``weight``/``bias`` are the mode's final linear layer (the same for every split);
-    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`; ``classes`` is set for
-    a leave-out member only: the dataset class of each logit column (its ``kept_classes``).
-    """
-
-    logits: np.ndarray | None = None
-    features: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    weight: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-    classes: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        for a in (self.logits, self.features, self.labels, *self.extra.values()):
-            if a is not None:
-                return len(a)
-        return 0
 
 
 def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE, precision: str = "fp32") -> str:

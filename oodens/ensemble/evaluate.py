@@ -35,11 +35,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from oodens import calibration as cal
 from oodens.detectors import Detector
-from oodens.metrics import accuracy, ood_metrics
-from oodens.strategies import ensemble_scores, resolve_strategy
-from oodens.views import Views
+from oodens.ensemble.strategies import ensemble_scores, resolve_strategy
+from oodens.metrics import calibration as cal
+from oodens.metrics.ood import accuracy, ood_metrics
+from oodens.views.types import Views
 
 AVERAGE = "average"
 ID_KEY = "__id__"

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from oodens.data.presets import Preset
 from oodens.data.sources import ArraySource, DataSource, resize_crop, to_tensor
-from oodens.distributed import DistContext
 from oodens.errors import OodensError
+from oodens.runtime.distributed import DistContext
 
 
 def _random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:

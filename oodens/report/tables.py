@@ -9,7 +9,7 @@ Tables, one set per mode set x benchmark x metric convention:
 - ``ood``: per metric, rows = detector x (each mode, mean ± std, ensemble), columns = OOD sets and
   their averages (near/far/average);
 - ``stats``: per metric, detector x OOD set: modes' mean with its t-interval, std, min–max, the
-  ensemble, and a one-sided t-test of ensemble vs modes with Holm correction (oodens.stats);
+  ensemble, and a one-sided t-test of ensemble vs modes with Holm correction (oodens.metrics.stats);
 - ``id``: ID accuracy, NLL, Brier, ECE per mode, mean ± std, ensemble;
 - ``shift``: accuracy on covariate-shift sets (each corruption and the C-1..C-5 severity averages);
 - ``size``: metric against the number of modes k (mean ± std over k-of-N subsets).
@@ -27,12 +27,12 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from oodens import calibration as cal
-from oodens import stats
 from oodens.errors import OodensError
-from oodens.metrics import METRICS, OOD_METRICS, QUALITY_METRICS
-from oodens.paths import safe_name
+from oodens.metrics import calibration as cal
+from oodens.metrics import stats
+from oodens.metrics.ood import METRICS, OOD_METRICS, QUALITY_METRICS
 from oodens.results import FAMILY, VALUES, tidy
+from oodens.runtime.paths import safe_name
 
 QUALITY = QUALITY_METRICS
 DEFAULT_METRICS = ("fpr95", "auroc")
@@ -230,7 +230,7 @@ def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list
 
 def stats_frame(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
                 alpha: float = 0.05) -> pd.DataFrame:
-    """oodens.stats.mode_stats per mode set x benchmark x convention x metric (Holm within each), as numbers."""
+    """oodens.metrics.stats.mode_stats per mode set x benchmark x convention x metric (Holm within each), as numbers."""
     parts = []
     for _, info, sub in families(frame):
         sub = sub[sub["ood"].isin(ood_columns(sub, oods))]
@@ -595,7 +595,7 @@ def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str
                 views: Optional[tuple[dict, np.ndarray]] = None) -> list[Path]:
     """Strip plots and ensemble-size curves from the records; score histograms from saved scores; the
     reliability diagram from exported views. Returns the written files."""
-    from oodens import plots
+    from oodens.report import plots
 
     out = Path(out)
     written, seen = [], set()

@@ -26,9 +26,9 @@ from pathlib import Path
 from torch import nn
 
 from oodens.archs import arch_folder, canonical_arch, create_model
-from oodens.checkpoints import CHECKPOINT_SUFFIXES, PREFERRED_NAMES, SIDECAR, load_weights, sha256_file
 from oodens.data.datasets import DATASETS, find_dataset
 from oodens.errors import OodensError
+from oodens.modes.checkpoints import CHECKPOINT_SUFFIXES, PREFERRED_NAMES, SIDECAR, load_weights, sha256_file
 
 
 @dataclass(frozen=True)

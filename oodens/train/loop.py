@@ -5,9 +5,9 @@ Three methods, one loop:
 - **independent** (``oodens train --seed S``): one network, cross-entropy. The mode-ensemble
   paper's recipes for CIFAR and ImageNet, and the digits recipe the shipped modes were made with.
 - **sdde** (``--members N --diversity D``): N networks trained jointly on the same batches with
-  ``mean_n CE(f_n(x), y) + lambda * L_div`` (:mod:`oodens.diversity`); each member is saved as a mode.
+  ``mean_n CE(f_n(x), y) + lambda * L_div`` (:mod:`oodens.train.diversity`); each member is saved as a mode.
 - **eloc** (``--leave-out K``): K networks, member k leaves out the k-th class group
-  (:mod:`oodens.eloc`); trained side by side on the same batches (the summed loss keeps their
+  (:mod:`oodens.train.eloc`); trained side by side on the same batches (the summed loss keeps their
   gradients separate, so each is trained as on its own), each saved as a mode with its
   ``kept_classes``.
 
@@ -21,7 +21,7 @@ How a run flows (:func:`train`):
    ``--diversity oe`` (checked to be no evaluation OOD set).
 3. :func:`_start` seeds everything, builds the members and their :class:`Objective` (the members
    plus the loss of the method; ``forward(x, y, x_out) -> (loss, [correct, seen])``), the batches
-   (:class:`_Batches`: feeds of :mod:`oodens.data.feeds` drawing each epoch from seeded generators), the
+   (:class:`_Batches`: feeds of :mod:`oodens.train.feeds` drawing each epoch from seeded generators), the
    optimiser and the schedule: a :class:`TrainingState`, which ``--resume`` then fills from the last
    saved state.
 4. :func:`_run_epochs` runs :func:`_train_epoch` (each batch through the objective, backward, an SGD
@@ -64,15 +64,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs import arch_folder, canonical_arch, create_model
-from oodens.checkpoints import atomic_write_bytes, save_checkpoint
 from oodens.data import DATASETS, DataSource, Dataset, Preset, find_dataset, get_benchmark, get_preset
-from oodens.data.feeds import AUGMENTS, make_feed
 from oodens.data.sources import ArraySource
-from oodens.distributed import DistContext, all_reduce_sum, barrier, process_group
-from oodens.diversity import DIVERSITIES, Diversity
-from oodens.eloc import BETA, MARGIN, SPLIT_SEED, eloc_loss, leave_out_split, relabel_table
 from oodens.errors import OodensError
-from oodens.progress import progress_bar
+from oodens.modes.checkpoints import atomic_write_bytes, save_checkpoint
+from oodens.runtime.distributed import DistContext, all_reduce_sum, barrier, process_group
+from oodens.runtime.progress import progress_bar
+from oodens.train.diversity import DIVERSITIES, Diversity
+from oodens.train.eloc import BETA, MARGIN, SPLIT_SEED, eloc_loss, leave_out_split, relabel_table
+from oodens.train.feeds import AUGMENTS, make_feed
 from oodens.version import __version__
 
 STATE_FORMAT = 1
@@ -356,7 +356,7 @@ class CrossEntropy(Objective):
 
 class SDDE(Objective):
     """N members trained jointly: mean_n CE(f_n(x), y) + lambda * L_div. The diversity runs the members on
-    the batch the way its term needs and hands back their logits with the term (:mod:`oodens.diversity`)."""
+    the batch the way its term needs and hands back their logits with the term (:mod:`oodens.train.diversity`)."""
 
     def __init__(self, members, diversity: Diversity, lam: float, outliers: str | None = None):
         super().__init__(members)
@@ -373,7 +373,7 @@ class SDDE(Objective):
 
 
 class LeaveOut(Objective):
-    """ELOC: member k trained on its kept classes with the margin-entropy loss (:mod:`oodens.eloc`);
+    """ELOC: member k trained on its kept classes with the margin-entropy loss (:mod:`oodens.train.eloc`);
     the members' losses are summed, which leaves each member's gradient its own."""
 
     def __init__(self, members, split: list[tuple[list[int], list[int]]], num_classes: int,
@@ -683,7 +683,7 @@ def _resume(plan: Plan, state: TrainingState, ctx: DistContext) -> None:
     if plan.state_path.is_file():
         state.load(plan.state_path, plan.config())
     elif ctx.is_main:
-        from oodens.progress import stderr
+        from oodens.runtime.progress import stderr
 
         stderr.print(f"--resume: no training state at {plan.state_path}, starting from epoch 1")
 

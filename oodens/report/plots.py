@@ -104,7 +104,7 @@ def score_histograms(id_scores: np.ndarray, ood_scores: dict[str, np.ndarray], t
 
 def reliability_diagram(curves: dict[str, list[tuple[float, float, int]]], eces: dict[str, float], title: str,
                         stem: Path) -> list[Path]:
-    """``curves[name]`` = oodens.calibration.reliability output (per bin: confidence, accuracy, count).
+    """``curves[name]`` = oodens.metrics.calibration.reliability output (per bin: confidence, accuracy, count).
 
     Members are thin lines, ``"ensemble"`` a thick red line and bars; the diagonal is perfect calibration.
     """

@@ -56,7 +56,7 @@ def shipped_modes_dir() -> Path:
     Installed wheels carry them inside the package (``oodens/_checkpoints``); a
     source checkout or editable install finds them at the repository top level.
     """
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the oodens package (this file is oodens/runtime/paths.py)
     for root in (here / "_checkpoints", here.parent / "checkpoints"):
         candidate = root / "Digits" / "CNN"
         if candidate.is_dir():

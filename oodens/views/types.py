@@ -1,0 +1,56 @@
+"""The view types: :class:`ViewSpec` (a view kind with its parameters), :data:`BASE` and :data:`HEAD`, and
+:class:`Views`, the arrays a detector reads (see :mod:`oodens.views.cache` for how views are stored)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A view kind with its parameters, e.g. ``ViewSpec("odin", (("eps", 0.0014), ("temperature", 1000.0)))``."""
+
+    kind: str
+    params: tuple[tuple[str, float | int], ...] = ()
+
+    @classmethod
+    def of(cls, kind: str, **params) -> "ViewSpec":
+        return cls(kind, tuple(sorted(params.items())))
+
+    @property
+    def id(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.kind}[{inner}]" if inner else self.kind
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "params": dict(self.params)}
+
+
+BASE = ViewSpec("base")
+HEAD = ViewSpec("head")
+
+
+@dataclass
+class Views:
+    """The arrays of one mode (or one combined ensemble) on one dataset split.
+
+    ``weight``/``bias`` are the mode's final linear layer (the same for every split);
+    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`; ``classes`` is set for
+    a leave-out member only: the dataset class of each logit column (its ``kept_classes``).
+    """
+
+    logits: np.ndarray | None = None
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    classes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        for a in (self.logits, self.features, self.labels, *self.extra.values()):
+            if a is not None:
+                return len(a)
+        return 0
