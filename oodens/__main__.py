@@ -1,3 +1,3 @@
-from oodens.cli import main
+from oodens.cli import entry
 
-main()
+entry()

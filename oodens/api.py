@@ -30,17 +30,12 @@ from oodens.data import data_root as _resolve_root
 from oodens.data import get_preset, source_from_path
 from oodens.detectors import DETECTORS, Detector, get_detector
 from oodens.ensemble.evaluate import DetectorRun, MemberSet, Sweep, evaluate_detector, id_quality
-from oodens.errors import OodensError, ParameterError
+from oodens.errors import OodensError, OodensWarning, ParameterError
 from oodens.metrics.ood import POSITIVES
 from oodens.modes.discovery import Mode, ModeFlags, discover_modes
 from oodens.runtime.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
 from oodens.views.cache import ViewCache
 from oodens.views.types import Views
-
-
-class OodensWarning(UserWarning):
-    """Something skipped that the user may want to know about (an OOD set not on disk, a detector that
-    does not apply to these modes)."""
 
 
 # --------------------------------------------------------------------------- modes

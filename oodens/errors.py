@@ -44,3 +44,9 @@ class ParameterError(OodensError, ValueError):
 class NotFittedError(OodensError, ValueError):
     """A detector that learns from the ID training views was asked to score before ``fit``
     (scikit-learn's ``NotFittedError``, also a ``ValueError``)."""
+
+
+class OodensWarning(UserWarning):
+    """Something skipped or repaired that the user may want to know about (an OOD set not on disk, a
+    detector that does not apply to these modes, a damaged cached view being recomputed). The CLI prints
+    each as one ``warning:`` line."""

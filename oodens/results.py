@@ -2,7 +2,10 @@
 
 Store: one JSON file per eval setting (mode set, benchmark, detector, strategy, hyperparameters,
 convention), ``<results>/runs/<settings sha256[:16]>.json`` holding ``{"settings", "created", "records"}``.
-Re-running the same setting replaces its file (atomically) instead of duplicating records.
+Re-running the same setting replaces its file (atomically) instead of duplicating records. Each file also
+holds ``"sha256"``, the checksum of the rest of its content (:func:`run_checksum`); :func:`load_frame` verifies
+it and skips a damaged file (checksum mismatch, unreadable or not a run) with one warning naming it, so the
+other runs still report.
 
 Frame (:func:`records_frame`): one row per record with the settings merged in: the :data:`KEYS`
 columns (``role``, ``k`` and ``stat`` say what a row is, see :mod:`oodens.ensemble.evaluate`) and one column per
@@ -12,15 +15,18 @@ and metric, which ``Results.frame()``, ``report --csv`` and ``report --json`` gi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from oodens.errors import OodensError
+from oodens.errors import OodensError, OodensWarning
 from oodens.metrics.ood import METRICS
 from oodens.modes.checkpoints import atomic_write_bytes
 
@@ -38,10 +44,32 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: the key of a run file's checksum
+CHECKSUM = "sha256"
+
+
+def run_checksum(run: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of a run file's content less its checksum.
+    JSON round-trips floats exactly, so the checksum of the file as read equals the one written."""
+    body = {k: v for k, v in run.items() if k != CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def save_run(results_dir: Path, settings: dict, records: list[dict]) -> Path:
+    """Write one run file atomically (with its checksum). A write that fails (full disk, read-only folder)
+    leaves no temp file and raises an :class:`OodensError` naming the file, the reason and, for a full disk,
+    the bytes needed; an earlier file of the same settings stays as it was."""
     path = Path(results_dir) / "runs" / f"{settings_key(settings)}.json"
     payload = {"settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "records": records}
-    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
+    payload[CHECKSUM] = run_checksum(payload)
+    data = (json.dumps(payload, indent=1) + "\n").encode()
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e) or type(e).__name__)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason += f" (ENOSPC: {len(data)} bytes needed)"
+        raise OodensError(f"results not stored: cannot write {path}: {reason}") from e
     return path
 
 
@@ -88,20 +116,47 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return frame.drop_duplicates(ROW, keep="last").reset_index(drop=True)
 
 
+def _read_run(f: Path) -> tuple[str, pd.DataFrame]:
+    """(created, frame) of one run file; ValueError saying why it cannot be trusted."""
+    try:
+        run = json.loads(f.read_bytes())
+    except OSError as e:
+        raise ValueError(f"unreadable ({e.strerror or type(e).__name__})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not valid JSON ({' '.join(str(e).split())})") from e
+    if not isinstance(run, dict) or not isinstance(run.get("settings"), dict) or not isinstance(run.get("records"),
+                                                                                                 list):
+        raise ValueError("not a run (expected settings and records)")
+    # Files written before run files carried a checksum have none: they are accepted as they are.
+    if CHECKSUM in run and run[CHECKSUM] != run_checksum(run):
+        raise ValueError("checksum mismatch: its content changed after `oodens eval` wrote it")
+    try:
+        frame = records_frame([{**run["settings"], **r} for r in run["records"]])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"a record is malformed ({type(e).__name__}: {e})") from e
+    return str(run.get("created", "")), frame
+
+
 def load_frame(results_dir: Path) -> pd.DataFrame:
-    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins)."""
+    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins).
+
+    A damaged file (checksum mismatch, unreadable, not a run) is skipped with one
+    :class:`oodens.errors.OodensWarning` naming it; when every file is damaged it is an :class:`OodensError`."""
     files = sorted((Path(results_dir) / "runs").glob("*.json"))
     if not files:
         raise OodensError(f"no results in {results_dir}: run `oodens eval` first (or point --results at the folder "
                           "it wrote)")
-    runs = []
+    runs, damaged = [], []
     for f in files:
         try:
-            run = json.loads(f.read_text())
-            runs.append((run.get("created", ""), records_frame([{**run["settings"], **r} for r in run["records"]])))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise OodensError(f"cannot read results file {f}: {type(e).__name__}: {e} (expected a run written by "
-                              "`oodens eval`)") from e
+            runs.append(_read_run(f))
+        except ValueError as e:
+            damaged.append(f)
+            warnings.warn(f"skipping damaged results file {f}: {e} (rerun its `oodens eval` to replace it)",
+                          OodensWarning, stacklevel=2)
+    if not runs:
+        raise OodensError(f"no readable results in {results_dir}: all {len(damaged)} run files are damaged (rerun "
+                          "`oodens eval`)")
     runs.sort(key=lambda r: r[0])
     frame = pd.concat([r[1] for r in runs], ignore_index=True)
     return frame.drop_duplicates(ROW, keep="last").reset_index(drop=True)

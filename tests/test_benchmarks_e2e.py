@@ -10,24 +10,14 @@ import pytest
 import torch
 
 from oodens.archs import create_model
-from oodens.cli import main
 from oodens.data import get_preset
 from oodens.detectors.shaping import dice_mask
 from oodens.modes.checkpoints import read_state_dict
 
 from datasets import write_cifar, write_cifar_benchmark, write_images
+from cli_runner import run
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "dice-densenet-bc100-cifar10"
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _save_reference_modes(root: Path, arch: str, dataset: str, num_classes: int, name: str, prefix: str = ""):

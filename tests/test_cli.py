@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.special import softmax
 
-from oodens.archs import ARCH_FOLDERS, ARCHS, register_arch
+from oodens.archs import ARCH_FOLDERS, ARCHS
 from oodens.cli import main
 from oodens.metrics.ood import ood_metrics
 
 from conftest import snapshot
 from evaluation import row
+from cli_runner import run
 
 RECORD_KEYS = {"detector", "strategy", "member", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "detection_error"}
-
-
-def run(args, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_eval_table_names_modes_mean_std_ensemble_and_convention(two_modes, tmp_path, capsys):
@@ -139,14 +128,16 @@ def test_folder_without_modes(warm_cache, tmp_path, capsys):
 def test_unreadable_checkpoint(warm_cache, two_modes, capsys):
     ckpt = two_modes / "seed-1100" / "checkpoint.pth.tar"
     ckpt.write_bytes(b"this is not a checkpoint at all")
-    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, "cannot read checkpoint", str(ckpt))
+    _bad(["eval", "--modes", str(two_modes)], warm_cache, capsys, f"checkpoint {ckpt} is truncated or unreadable",
+         "expected a file written by torch.save")
 
 
 def test_truncated_checkpoint(warm_cache, two_modes, capsys):
     ckpt = two_modes / "seed-1000" / "checkpoint.pth.tar"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    _bad(["extract", "--modes", str(two_modes)], warm_cache, capsys, "cannot read checkpoint", str(ckpt))
+    _bad(["extract", "--modes", str(two_modes)], warm_cache, capsys, f"checkpoint {ckpt} is truncated or unreadable",
+         "expected a file written by torch.save")
 
 
 def test_checkpoint_of_wrong_shape(warm_cache, two_modes, capsys):

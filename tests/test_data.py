@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import colorsys
-import json
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from oodens.data import get_benchmark, get_preset
 from oodens.data.corruptions import CORRUPTIONS, CorruptedSource, parse_corruptions
-from oodens.data.sources import (ArraySource, CifarSource, SubsetSource, SvhnSource, image_folder, image_list,
-                                 resize_crop)
+from oodens.data.sources import ArraySource, CifarSource, SubsetSource, SvhnSource, image_folder, image_list
 from oodens.errors import OodensError
 
 from datasets import write_cifar, write_cifar_benchmark, write_images, write_svhn

@@ -5,13 +5,11 @@ import json
 import torch
 
 from oodens.cli import main
-from oodens.train.loop import train_mode
+from oodens.train import train
 
 
 def test_same_seed_bit_identical_other_seed_differs(tmp_path):
-    a = train_mode(7, epochs=2, out=tmp_path / "a")
-    b = train_mode(7, epochs=2, out=tmp_path / "b")
-    c = train_mode(8, epochs=2, out=tmp_path / "c")
+    a, b, c = (train(seed, epochs=2, out=tmp_path / name).paths[0] for seed, name in ((7, "a"), (7, "b"), (8, "c")))
     assert a.read_bytes() == b.read_bytes()
     sa = torch.load(a, weights_only=True)["state_dict"]
     sc = torch.load(c, weights_only=True)["state_dict"]

@@ -17,7 +17,6 @@ from scipy.special import softmax
 
 from oodens import results
 from oodens.archs import ARCHS, create_model
-from oodens.cli import main
 from oodens.data import get_preset
 from oodens.data.sources import ArraySource
 from oodens.errors import OodensError
@@ -29,18 +28,9 @@ from oodens.train.feeds import AUGMENTS, LoaderFeed, TensorFeed, crop_flip
 from oodens.train.loop import RECIPES, environment, train
 
 from datasets import write_cifar, write_images
+from cli_runner import run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -126,9 +116,10 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, capsys):
     straight = train(11, epochs=4, out=tmp_path / "b")
     resumed = tmp_path / "a" / "Digits" / "CNN" / "seed-11" / "checkpoint.pth.tar"
     assert_same_weights(weights(resumed), weights(straight.paths[0]))
-    assert torch.load(stopped.state, weights_only=True)["epoch"] == 4
+    assert not stopped.state.exists() and not straight.state.exists()  # finished: the resumable state is removed
 
     # resuming with other settings is a one-line error, not a silent mix
+    train(11, epochs=4, out=tmp_path / "a", stop_after=1)
     code, _, err = run(["train", "--seed", "11", "--epochs", "4", "--lr", "0.2", "--out", str(tmp_path / "a"),
                         "--resume"], capsys)
     assert code == 2 and "lr" in err and "--resume" in err

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from oodens.cli.options import (ResultsOpt, experiment, names, stderr, stdout, warnings_to_stderr,
+from oodens.cli.options import (ResultsOpt, expect_folder, experiment, names, stderr, stdout, warnings_to_stderr,
                                 with_detector_options, with_experiment_options)
 from oodens.detectors import DETECTORS
 
@@ -53,9 +53,14 @@ def eval_cmd(
     Views come from the cache (extracted once per mode and dataset); the records are also stored for
     `oodens report`.
     """
+    from oodens.errors import OodensError
     from oodens.report.tables import detector_tables, render_rich, summary_table
-    from oodens.runtime.paths import default_results_dir
+    from oodens.runtime.paths import default_cache_dir, default_results_dir
 
+    results_dir = results or default_results_dir()
+    for flag, path in (("--cache-dir", options["cache_dir"] or default_cache_dir()), ("--results", results_dir),
+                       ("--save-scores", save_scores)):
+        expect_folder(flag, path)  # before any work
     dets = _detectors(detector, options)  # hyperparameters checked before any work
     with warnings_to_stderr():
         exp = experiment(options)
@@ -63,19 +68,29 @@ def eval_cmd(
                            max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"])
     stderr.print(f"views: {res.extraction['computed']} extracted, {res.extraction['cached']} from cache "
                  f"({res.extraction['cache']})")
-    results_dir = results or default_results_dir()
-    res.save(results_dir)
-    if save_scores:
-        res.save_scores(save_scores)
+    # the output first: when the results cannot be stored (a full disk, a read-only folder) the work still shows
     if as_json:
-        print(json.dumps(res.records, indent=2))
+        print(json.dumps(res.records, indent=2), flush=True)
     else:
         stdout.print(f"[bold]{exp.benchmark.name}[/] · {len(exp.modes)} modes of {exp.modes.arch} from "
                      f"{exp.modes.path.resolve()}")
         frame = res.wide()
         for table in [summary_table(frame)] if summary else detector_tables(frame):
             stdout.print(render_rich(table))
-    stderr.print(f"results stored in {results_dir}")
+    failed = []
+    try:
+        res.save(results_dir)
+        stderr.print(f"results stored in {results_dir}")
+    except OodensError as e:  # one line naming the file and the reason, exit code 2 (after the scores)
+        failed.append(str(e))
+    if save_scores:
+        try:
+            res.save_scores(save_scores)
+        except OSError as e:
+            failed.append(f"scores not stored: cannot write {e.filename or save_scores}: "
+                          f"{e.strerror or type(e).__name__}")
+    if failed:
+        raise OodensError("; ".join(failed))
 
 
 eval_cmd = with_detector_options(with_experiment_options(eval_cmd))

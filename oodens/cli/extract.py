@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from oodens.cli.options import experiment, stderr, warnings_to_stderr, with_experiment_options
+from oodens.cli.options import expect_folder, experiment, stderr, warnings_to_stderr, with_experiment_options
 
 
 def extract_cmd(
@@ -20,8 +20,11 @@ def extract_cmd(
     Under `torchrun --nproc_per_node N -m oodens extract ...` the ranks share each pass (whole batches) and
     rank 0 writes the views: the same views as one process.
     """
+    from oodens.runtime.paths import default_cache_dir
     from oodens.views.extract import export_views
 
+    expect_folder("--cache-dir", options["cache_dir"] or default_cache_dir())  # before any work
+    expect_folder("--export", export)
     with warnings_to_stderr():
         exp = experiment(options)
     ex = exp.extract(distributed=True)

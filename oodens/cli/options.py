@@ -119,7 +119,7 @@ def with_experiment_options(func):
 @contextmanager
 def warnings_to_stderr():
     """The library's :class:`OodensWarning` s as one ``warning:`` line each on stderr."""
-    from oodens.api import OodensWarning
+    from oodens.errors import OodensWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, OodensWarning):
@@ -172,3 +172,19 @@ def flag_of(owner: str, param: str) -> Optional[str]:
 
 def resolve_path(p: Optional[Path]) -> Optional[Path]:
     return Path(p) if p is not None else None
+
+
+def expect_folder(flag: str, path) -> None:
+    """A one-line error when a folder option points at a file (or below one), before any work:
+    ``--results out.json: it is a file, expected a folder``."""
+    from oodens.errors import OodensError
+
+    if path is None:
+        return
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            where = "it" if p == path else str(p)
+            raise OodensError(f"{flag} {path}: {where} is a file, expected a folder")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from oodens.cli.options import ResultsOpt, names, stderr, stdout
+from oodens.cli.options import ResultsOpt, expect_folder, names, stderr, stdout, warnings_to_stderr
 from oodens.errors import OodensError
 from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
                                   filter_frame, load_scores, ood_tables, parse_metrics, quality_tables, render_latex,
@@ -77,7 +77,11 @@ def report_cmd(
         raise OodensError("--scores is read for score histograms (--plot DIR) and --bootstrap N: add one of them")
 
     results_dir = results or default_results_dir()
-    frame = filter_frame(load_frame(results_dir), detector, strategy, modes, ood, where=str(results_dir))
+    expect_folder("--results", results_dir)
+    expect_folder("--plot", plot)
+    with warnings_to_stderr():  # a damaged run file: one warning line naming it, the others still report
+        stored = load_frame(results_dir)
+    frame = filter_frame(stored, detector, strategy, modes, ood, where=str(results_dir))
     wanted_oods = names(ood) or None
     boot = None
     saved = None

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from oodens.cli.options import DeviceOpt, stderr
+from oodens.cli.options import DeviceOpt, expect_folder, stderr
 
 
 def train_cmd(
@@ -48,6 +48,7 @@ def train_cmd(
     and save every member as a mode with its JSON sidecar. Under torchrun: DistributedDataParallel, rank 0 saves."""
     from oodens.train.loop import train
 
+    expect_folder("--out", out)  # before any work
     result = train(seed, arch, dataset, epochs, out, lr, batch_size, device, members=members,
                    diversity=diversity, lam=lam, outliers=outliers, leave_out=leave_out, data_root=data_root,
                    workers=workers, deterministic=deterministic, resume=resume)

@@ -65,10 +65,45 @@ def to_image(img, channels: int, preset: Preset | None = None) -> Image.Image:
     return img if preset is None else resize_crop(img, preset)
 
 
+class LoadError(OodensError):
+    """A sample that cannot be loaded (a corrupt image...): one line naming the file and the reason.
+
+    Raised inside DataLoader worker processes too. torch re-raises a worker's exception in the main
+    process as ``type(text)`` where ``text`` is "Caught ... in DataLoader worker process N. Original
+    Traceback ..." followed by the worker's whole traceback; this class keeps the original one-line
+    message only, so the command line still prints one line."""
+
+    def __init__(self, text: str = ""):
+        text = str(text)
+        if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+            tag = f"{type(self).__name__}: "
+            last = text.rstrip().rsplit("\n", 1)[-1]
+            if tag in last:
+                text = last.split(tag, 1)[1].strip()
+            else:  # not the traceback's last line: the first line that names this class
+                text = next((ln.split(tag, 1)[1].strip() for ln in reversed(text.splitlines()) if tag in ln), text)
+        super().__init__(text)
+
+
+def load_item(get: Callable[[int], tuple[object, int]], i: int, what: object) -> tuple[object, int]:
+    """``get(i)``, any failure a :class:`LoadError` naming ``what`` (the source) and sample ``i``; errors that
+    already name their file (an :class:`OodensError` such as ``cannot read image PATH: ...``) keep their text."""
+    try:
+        return get(i)
+    except LoadError:
+        raise
+    except OodensError as e:
+        raise LoadError(str(e)) from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise LoadError(f"cannot load sample {i} of {what}: {reason} (expected a readable image)") from None
+
+
 class _Items(Dataset):
     """Indexable (image, label) -> (normalised tensor, label) through a preset.
 
-    Images are converted to the preset's channel count (RGB, or grey for 1-channel presets)."""
+    Images are converted to the preset's channel count (RGB, or grey for 1-channel presets). A sample
+    that cannot be loaded is a one-line :class:`LoadError` naming it, also from DataLoader workers."""
 
     def __init__(self, n: int, get: Callable[[int], tuple[object, int]], preset: Preset, channels: int):
         self.n, self.get, self.preset, self.channels = n, get, preset, channels
@@ -76,13 +111,16 @@ class _Items(Dataset):
     def __len__(self):
         return self.n
 
-    def __getitem__(self, i):
+    def _load(self, i):
         img, label = self.get(i)
         if isinstance(img, torch.Tensor):  # already a float CHW tensor in [0, 1]
             x = img
         else:
             x = to_tensor(to_image(img, self.channels, self.preset))
         return self.preset.normalize(x[None])[0], label
+
+    def __getitem__(self, i):
+        return load_item(self._load, i, getattr(self.get, "__self__", "the dataset"))
 
 
 class DataSource(ABC):
@@ -196,11 +234,18 @@ class _DataUnpickler(pickle.Unpickler):
 
 
 def read_cifar_batch(path: Path) -> dict:
+    """A CIFAR python batch as a dict with str keys: the original batches (Python 2 pickles) have str keys,
+    a batch re-saved by Python 3 has bytes keys (``b"data"``); both are accepted."""
     try:
         with open(path, "rb") as f:
-            return _DataUnpickler(f, encoding="latin1").load()
+            d = _DataUnpickler(f, encoding="latin1").load()
     except Exception as e:
-        raise OodensError(f"cannot read CIFAR batch {path}: {e} (expected torchvision's python format)") from e
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise OodensError(f"cannot read CIFAR batch {path}: {reason} (expected torchvision's python format)") from e
+    if not isinstance(d, dict):
+        raise OodensError(f"CIFAR batch {path} holds a {type(d).__name__}: expected a dict with data and labels "
+                          f"(torchvision's python format)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
 class CifarSource(ArraySource):
@@ -229,8 +274,19 @@ class CifarSource(ArraySource):
         xs, ys = [], []
         for f in self.files:
             d = read_cifar_batch(f)
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(d[self.key], dtype=np.int64))
+            lacking = [k for k in ("data", self.key) if k not in d]
+            if lacking:
+                raise OodensError(f"CIFAR batch {f} has no {lacking[0]!r} key (keys: "
+                                  f"{', '.join(map(str, list(d)[:6])) or 'none'}): expected data and {self.key}")
+            try:
+                x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                y = np.asarray(d[self.key], dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError) as e:
+                raise OodensError(f"CIFAR batch {f}: {e} (expected data of N x 3072 uint8 and N labels)") from None
+            if len(x) != len(y):
+                raise OodensError(f"CIFAR batch {f} has {len(x)} images but {len(y)} labels: expected one label each")
+            xs.append(x)
+            ys.append(y)
         return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -274,7 +330,8 @@ class FileListSource(DataSource):
                 img.load()
                 return img.copy(), label
         except Exception as e:
-            raise OodensError(f"cannot read image {path}: {e}") from e
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise LoadError(f"cannot read image {path}: {reason} (expected an image file PIL can decode)") from None
 
     @property
     def labels(self):

@@ -36,6 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 from oodens.detectors import Detector
+from oodens.errors import OodensError
 from oodens.ensemble.strategies import ensemble_scores, resolve_strategy
 from oodens.metrics import calibration as cal
 from oodens.metrics.ood import accuracy, ood_metrics
@@ -93,6 +94,10 @@ class DetectorRun:
     records: list[dict]
     #: member name (mode names and "ensemble") -> dataset ("id" or OOD name) -> scores
     scores: dict[str, dict[str, np.ndarray]] = field(repr=False)
+
+
+def _set_name(key: str) -> str:
+    return "the ID test split" if key == ID_KEY else key
 
 
 def _std(values) -> float:
@@ -198,6 +203,14 @@ def _prefixed(q: dict[str, float]) -> dict[str, float]:
     return {"id_accuracy": q["accuracy"], **{f"id_{k}": v for k, v in q.items() if k != "accuracy"}}
 
 
+def _check_logits(member: str, key: str, v: Views) -> None:
+    z = np.asarray(v.logits)
+    bad = int(z.size - np.count_nonzero(np.isfinite(z)))
+    if bad:
+        raise OodensError(f"logits of mode {member} on {_set_name(key)}: {bad} of {z.size} values are not finite "
+                          "(expected finite logits: check the mode's weights)")
+
+
 class Quality:
     """ID quality of a mode set, computed once and shared by every detector's records: ``rows[name]``
     (each member and ``"ensemble"``) = id_accuracy, id_nll, id_brier, id_ece; ``shift[name][set]`` =
@@ -207,6 +220,10 @@ class Quality:
     def __init__(self, sets: MemberSet):
         labels = sets.labels
         self._sets = sets
+        for i, m in enumerate(sets.names):  # before any calibration arithmetic on them
+            for key, v in [(ID_KEY, sets.test[i])] + [(o, sets.oods[o][i]) for o, k in sets.kinds.items()
+                                                       if k == "shift"]:
+                _check_logits(m, key, v)
         self.rows = {m: _prefixed(member_quality(v, labels)) for m, v in zip(sets.names, sets.test)}
         self.rows["ensemble"] = {**_prefixed(cal.quality(ensemble_probs(sets.test, labels), labels)),
                                  "id_accuracy": ensemble_accuracy(sets.test, labels)}
@@ -254,6 +271,20 @@ def score_ensemble(detector: Detector, strategy: str, fitted: list[Detector], se
     return ensemble_scores(strategy, lambda: _fresh(detector), fitted, sets.train, {ID_KEY: sets.test, **sets.oods})
 
 
+def check_finite(detector: Detector, member: str, scores: dict[str, np.ndarray]) -> None:
+    """An :class:`OodensError` naming the detector, the member (a mode name or ``ensemble``), the set and the
+    count when some of ``scores`` (dataset -> scores) are NaN or infinite: the metrics need finite scores."""
+    for key, s in scores.items():
+        s = np.asarray(s)
+        bad = int(s.size - np.count_nonzero(np.isfinite(s)))
+        if bad:
+            whose = "the ensemble" if member == "ensemble" else f"mode {member}"
+            weights = "the modes' weights" if member == "ensemble" else "the mode's weights"
+            raise OodensError(f"{detector.name} scores of {whose} on {_set_name(key)}: {bad} of {s.size} are not "
+                              f"finite (expected finite scores: check {weights} and {detector.name}'s "
+                              "hyperparameters)")
+
+
 def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None = None, positive: str = "id",
                       sweep: Sweep | None = None, quality: Quality | None = None) -> DetectorRun:
     """Score one detector (an instance: its hyperparameters) for every member, for the ensemble under
@@ -261,8 +292,13 @@ def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None 
     strategy = resolve_strategy(type(detector), strategy, leave_out=sets.leave_out)
     quality = quality or id_quality(sets)
     kinds = sets.kinds
-    fitted, per_member = score_members(detector, sets)
-    ens = score_ensemble(detector, strategy, fitted, sets)
+    # numpy's overflow/invalid warnings are replaced by check_finite's one error naming the member and set
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        fitted, per_member = score_members(detector, sets)
+        for m, s in per_member.items():
+            check_finite(detector, m, s)
+        ens = score_ensemble(detector, strategy, fitted, sets)
+        check_finite(detector, "ensemble", ens)
     metrics = {m: _metrics(s, kinds, positive, quality.shift[m]) for m, s in per_member.items()}
     metrics["ensemble"] = _metrics(ens, kinds, positive, quality.shift["ensemble"])
 
@@ -301,6 +337,7 @@ def _sweep_records(detector: Detector, strategy: str, fitted: list[Detector], se
         for sub in chosen:
             id_acc, shift_acc = quality.subset(sub)
             s = score_ensemble(detector, strategy, [fitted[i] for i in sub], sets.subset(sub))
+            check_finite(detector, "ensemble", s)
             per_subset.append(_metrics(s, sets.kinds, positive, shift_acc))
             accs.append(id_acc)
         for ood in per_subset[0]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,16 +35,23 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, on the CPU, ``module.`` prefix removed."""
     path = Path(path)
     try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        # torch may warn while reading (a legacy non-zip file, a deprecated storage type): the file either
+        # loads, or fails with oodens' one line, never with warnings printed first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.name.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+                obj = load_file(str(path), device="cpu")
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler of a corrupt file can raise nearly anything: all mean "unreadable"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        reason = f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+        what = "safetensors.torch.save_file" if path.name.endswith(".safetensors") else "torch.save"
         raise OodensError(
-            f"cannot read checkpoint {path}: {reason[:200]} (expected a torch.save file holding a state dict)"
+            f"checkpoint {path} is truncated or unreadable ({reason}): expected a file written by {what} "
+            f"holding a state dict"
         ) from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -52,6 +60,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
+
+
+def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """A one-line error naming the first tensor of ``state`` holding NaN or Inf values, with their count."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items()
+           if v.is_floating_point() or v.is_complex()]
+    bad = [(k, n) for k, n in bad if n]
+    if bad:
+        k, n = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise OodensError(f"{what} holds non-finite weights: {n} of {state[k].numel()} values of {k} are NaN or "
+                          f"Inf{more}: expected finite numbers (retrain or restore the file)")
 
 
 def load_weights(model: nn.Module, path: Path, arch: str) -> nn.Module:
@@ -70,20 +90,29 @@ def load_weights(model: nn.Module, path: Path, arch: str) -> nn.Module:
         for k in wrong[:3]:
             parts.append(f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}")
         raise OodensError(f"checkpoint {path} does not fit architecture {arch!r}: {'; '.join(parts)}")
+    check_finite(state, f"checkpoint {path}")
     model.load_state_dict(state, strict=True)
     return model
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers never see half a file."""
+    """Write to a temp file in the same folder, fsync, rename: readers never see half a file. On any failure
+    (a full disk, a read-only folder, Ctrl-C) the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:  # never created, or already gone
+            pass
+        raise
 
 
 def save_checkpoint(path: Path, model: nn.Module, sidecar: dict, prefix: str = "") -> None:

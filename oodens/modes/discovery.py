@@ -76,8 +76,13 @@ class Mode:
         return model.eval()
 
 
+#: ``oodens train``'s resumable state (``<mode set>/seed-<S>.last.pth``): never a mode
+RESUME_SUFFIX = ".last.pth"
+
+
 def _find_checkpoint(folder: Path) -> Path | None:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES)
+                   and not p.name.endswith(RESUME_SUFFIX))
     if not files:
         return None
     preferred = [p for p in files if p.name in PREFERRED_NAMES]
@@ -108,15 +113,62 @@ def _pick(what: str, folder: Path, *candidates: tuple[str, object]):
     return v0
 
 
+#: sidecar keys discovery reads, with the type each must have
+SIDECAR_TYPES = {"arch": (str, "a string"), "dataset": (str, "a string"), "num_classes": (int, "a positive integer"),
+                 "preset": (str, "a string"), "kept_classes": (list, "a list of class indices")}
+
+
+def _json_type(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def read_sidecar(side: Path) -> dict:
+    """The ``oodens.json`` beside a checkpoint, its keys checked: a JSON object whose ``arch``, ``dataset``,
+    ``preset`` are strings, ``num_classes`` a positive integer, ``kept_classes`` a list of integers."""
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OodensError(f"cannot read sidecar {side}: {e} (expected JSON with arch, dataset, num_classes)") from e
+    if not isinstance(meta, dict):
+        raise OodensError(f"sidecar {side} is {_json_type(meta)}: expected a JSON object with arch, dataset, "
+                          f"num_classes")
+    for key, (typ, expected) in SIDECAR_TYPES.items():
+        v = meta.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, typ) and not isinstance(v, bool)
+        if ok and key == "num_classes":
+            ok = v > 0
+        if ok and key == "kept_classes":
+            ok = all(isinstance(c, int) and not isinstance(c, bool) for c in v)
+        if not ok:
+            raise OodensError(f"sidecar {side}: {key} is {json.dumps(v)} ({_json_type(v)}): expected {expected}")
+    return meta
+
+
+def _check_sidecar_path(side: Path, meta: dict, path_arch: str | None, path_dataset: str | None,
+                        folder: Path) -> None:
+    """A sidecar and the ``.../<Dataset>/<Arch>/<mode>/`` path it lies in must agree."""
+    r = folder.resolve()
+    where = f".../{r.parent.parent.name}/{r.parent.name}/{r.name}"
+    if path_dataset is not None and meta.get("dataset") is not None:
+        facts = find_dataset(meta["dataset"])
+        if (facts.name if facts else str(meta["dataset"]).lower()) != path_dataset:
+            raise OodensError(f"sidecar {side} says dataset {meta['dataset']!r} but its path {where} says "
+                              f"{r.parent.parent.name!r}: expected them to agree (move the mode or fix the sidecar)")
+    if path_arch is not None and meta.get("arch") is not None:
+        if canonical_arch(meta["arch"]) != path_arch:
+            raise OodensError(f"sidecar {side} says arch {meta['arch']!r} but its path {where} says {path_arch!r}: "
+                              f"expected them to agree (move the mode or fix the sidecar)")
+
+
 def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
     folder = ckpt.parent
     meta: dict = {}
     side = folder / SIDECAR
     if side.is_file():
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise OodensError(f"cannot read sidecar {side}: {e} (expected JSON with arch, dataset, num_classes)") from e
+        meta = read_sidecar(side)
     # save/<Dataset>/<Arch>/<mode>/file: what the path says, if it names a known arch and dataset
     parents = folder.resolve().parents
     path_arch = path_dataset = None
@@ -127,6 +179,7 @@ def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
             path_dataset = path_facts.name
         except OodensError:
             pass
+    _check_sidecar_path(side, meta, path_arch, path_dataset, folder)
     arch = _pick("arch", folder, ("sidecar", meta.get("arch")), ("path", path_arch),
                  ("flag", canonical_arch(flags.arch) if flags.arch else None))
     if arch is None:

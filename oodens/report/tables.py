@@ -18,8 +18,6 @@ Tables, one set per mode set x benchmark x metric convention:
 from __future__ import annotations
 
 import json
-import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,7 +29,7 @@ from oodens.errors import OodensError
 from oodens.metrics import calibration as cal
 from oodens.metrics import stats
 from oodens.metrics.ood import METRICS, OOD_METRICS, QUALITY_METRICS
-from oodens.results import FAMILY, VALUES, tidy
+from oodens.results import FAMILY
 from oodens.runtime.paths import safe_name
 
 QUALITY = QUALITY_METRICS

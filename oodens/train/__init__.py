@@ -3,7 +3,7 @@
 :mod:`oodens.train.feeds`."""
 
 from oodens.train.loop import (RECIPES, Plan, Recipe, Schedule, TrainResult, environment, resolve, seed_everything,
-                               train, train_mode)
+                               train)
 
 __all__ = ["Plan", "RECIPES", "Recipe", "Schedule", "TrainResult", "environment", "resolve", "seed_everything",
-           "train", "train_mode"]
+           "train"]

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from oodens.data.presets import Preset
-from oodens.data.sources import ArraySource, DataSource, resize_crop, to_tensor
+from oodens.data.sources import ArraySource, DataSource, load_item, resize_crop, to_tensor
 from oodens.errors import OodensError
 from oodens.runtime.distributed import DistContext
 
@@ -161,12 +161,17 @@ class _Augmented(Dataset):
     def __len__(self):
         return len(self.source)
 
-    def __getitem__(self, key):
+    def _load(self, key):
         i, seed = key
         img, label = self.source.item(i)
         gen = torch.Generator().manual_seed(seed)
         x = self.augment.sample(img, self.preset, gen) if self.augment.sample else _as_tensor(img, self.preset)
         return self.preset.normalize(x[None])[0], label
+
+    def __getitem__(self, key):
+        # a sample that cannot be loaded: one line naming it, also from DataLoader workers
+        i, seed = key
+        return load_item(lambda j: self._load((j, seed)), i, self.source)
 
 
 class LoaderFeed:

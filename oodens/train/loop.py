@@ -44,12 +44,18 @@ is the global batch), the members are wrapped in DistributedDataParallel, and ra
 
 After every epoch rank 0 writes the resumable state ``<mode-set>/seed-<S>.last.pth`` atomically
 (members, optimiser, scheduler, epoch, RNG states: tensors, numbers and dicts only, loadable with
-``torch.load(..., weights_only=True)``); ``--resume`` continues from it.
+``torch.load(..., weights_only=True)``); ``--resume`` continues from it. Once the modes are saved the
+state is removed (mode discovery ignores ``*.last.pth`` files in any case); an unfinished run keeps it.
+
+Bad input stops a run before it starts: non-finite or out-of-range ``--lr``, ``--epochs``,
+``--batch-size``, ``--lambda`` are one-line errors. A loss that becomes NaN or Inf stops the run with
+one line naming the epoch and step; nothing of that epoch is saved (no mode, no new resumable state).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import platform
 import random
@@ -66,8 +72,8 @@ from torch import nn
 from oodens.archs import arch_folder, canonical_arch, create_model
 from oodens.data import DATASETS, DataSource, Dataset, Preset, find_dataset, get_benchmark, get_preset
 from oodens.data.sources import ArraySource
-from oodens.errors import OodensError
-from oodens.modes.checkpoints import atomic_write_bytes, save_checkpoint
+from oodens.errors import OodensError, format_value
+from oodens.modes.checkpoints import atomic_write_bytes, check_finite, save_checkpoint
 from oodens.runtime.distributed import DistContext, all_reduce_sum, barrier, process_group
 from oodens.runtime.progress import progress_bar
 from oodens.train.diversity import DIVERSITIES, Diversity
@@ -286,8 +292,7 @@ def resolve(
     epochs = recipe.epochs if epochs is None else epochs
     lr = recipe.lr if lr is None else lr
     batch_size = recipe.batch_size if batch_size is None else batch_size
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise OodensError(f"--epochs, --batch-size and --lr must be positive (got {epochs}, {batch_size}, {lr})")
+    _check_hyperparameters(epochs, lr, batch_size, lam)
     div = split = None
     if method == "sdde":
         members = 5 if members is None else members
@@ -316,6 +321,22 @@ def resolve(
                 batch_size=batch_size, members=n_members, deterministic=deterministic or recipe.deterministic,
                 set_dir=Path(out) / facts.folder / (arch_folder(arch) + suffix), diversity=div, lam=lam,
                 outliers=outliers, split=split)
+
+
+def _check_hyperparameters(epochs, lr, batch_size, lam) -> None:
+    """Refuse what no run can use: a non-finite or non-positive learning rate, fewer than one epoch or
+    sample per batch, a non-finite or negative diversity weight (before any data is read)."""
+    def bad_number(v):
+        return isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+
+    if bad_number(lr) or lr <= 0:
+        raise OodensError(f"--lr {format_value(lr)}: expected a finite learning rate > 0 (e.g. 0.1)")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise OodensError(f"--epochs {epochs}: expected a whole number of epochs >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OodensError(f"--batch-size {batch_size}: expected a whole number of samples >= 1")
+    if lam is not None and (bad_number(lam) or lam < 0):
+        raise OodensError(f"--lambda {format_value(lam)}: expected a finite diversity weight >= 0")
 
 
 # --------------------------------------------------------------------------- objectives
@@ -603,7 +624,7 @@ class _Batches:
 @dataclass
 class TrainResult:
     """What a run wrote: one checkpoint per member (empty if it stopped early), their ID test
-    accuracies, and the resumable state file."""
+    accuracies, and the resumable state file (removed once the modes are saved)."""
 
     paths: list[Path]
     accuracies: list[float]
@@ -658,6 +679,8 @@ def train(
         if last < plan.epochs:
             return TrainResult([], [], plan.state_path, ctx.is_main)
         accuracies = _save_modes(plan, state.objective, bench.id_test, ctx, dev, workers) if ctx.is_main else []
+        if ctx.is_main:  # finished: the resumable state is no longer needed (and is no mode)
+            plan.state_path.unlink(missing_ok=True)
         barrier(ctx)
     return TrainResult(plan.checkpoints, accuracies, plan.state_path, ctx.is_main)
 
@@ -702,8 +725,14 @@ def _run_epochs(plan: Plan, state: TrainingState, batches: _Batches, last: int, 
         task = bar.add_task(f"train {plan.arch}{members_txt} seed {plan.seed}", total=plan.epochs * steps,
                             completed=state.epoch * steps, info="")
         while state.epoch < last:
-            totals = _train_epoch(net, state, batches, plan.per_step, dev, lambda: bar.advance(task))
-            loss_sum, n, correct, seen = all_reduce_sum(totals, ctx, dev)
+            try:
+                totals, first_bad = _train_epoch(net, state, batches, plan.per_step, dev, lambda: bar.advance(task),
+                                                 stop_at_once=not ctx.enabled)
+            except _NonFiniteLoss as e:
+                raise _diverged(plan, state.epoch + 1, e.step, steps, e.value) from None
+            loss_sum, n, correct, seen, non_finite = all_reduce_sum(totals, ctx, dev)
+            if non_finite or not math.isfinite(loss_sum):  # every process agrees: all stop here, nothing saved
+                raise _diverged(plan, state.epoch + 1, first_bad, steps, None)
             state.epoch += 1
             bar.update(task, info=f"epoch {state.epoch}/{plan.epochs} loss {loss_sum / max(n, 1.0):.3f} "
                                   f"acc {100 * correct / max(seen, 1.0):.1f}%")
@@ -711,32 +740,58 @@ def _run_epochs(plan: Plan, state: TrainingState, batches: _Batches, last: int, 
                 state.save(plan.state_path, plan.config())
 
 
+class _NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+
+
+def _diverged(plan: Plan, epoch: int, step: int | None, steps: int, value: float | None) -> OodensError:
+    where = f"step {step} of {steps}" if step else "a step of another process"
+    what = f"is {value}" if value is not None else "became NaN or Inf"
+    return OodensError(f"training diverged: the loss {what} at epoch {epoch}, {where} (--lr {plan.lr:g}): expected "
+                       f"a finite loss; no checkpoint saved (try a smaller --lr)")
+
+
 def _train_epoch(net: nn.Module, state: TrainingState, batches: _Batches, per_step: bool, dev,
-                 advance: Callable[[], None]) -> list[float]:
+                 advance: Callable[[], None], stop_at_once: bool = True) -> tuple[list[float], int | None]:
     """One pass over the training split: per batch the objective's loss, its gradient, an SGD step (and a
-    schedule step if the schedule is per step). Returns this process's [loss * n, n, correct, seen]."""
+    schedule step if the schedule is per step). Returns this process's [loss * n, n, correct, seen,
+    non-finite steps] and the first step (1-based) whose loss was NaN or Inf (None if none).
+
+    A non-finite loss raises :class:`_NonFiniteLoss` before its step is taken when ``stop_at_once`` (one
+    process); under torchrun the processes run the epoch out and stop together on the summed count."""
     state.objective.train()
-    totals = torch.zeros(4, dtype=torch.float64, device=dev)
-    for x, y, x_out in batches.epoch(state.generators):
+    totals = torch.zeros(5, dtype=torch.float64, device=dev)
+    first_bad = torch.full((), float("inf"), dtype=torch.float64, device=dev)
+    for step, (x, y, x_out) in enumerate(batches.epoch(state.generators), 1):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         x_out = x_out.to(dev, non_blocking=True) if x_out is not None else None
         loss, stats = net(x, y, x_out)
+        finite = torch.isfinite(loss.detach())
+        if stop_at_once and not bool(finite):
+            raise _NonFiniteLoss(step, float(loss.detach()))
+        first_bad = torch.where(finite, first_bad, torch.minimum(first_bad, torch.tensor(float(step), device=dev,
+                                                                                          dtype=torch.float64)))
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
         if per_step:
             state.scheduler.step()
         totals += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=dev,
-                              dtype=torch.float64), stats[0].double(), stats[1].double()])
+                              dtype=torch.float64), stats[0].double(), stats[1].double(),
+                              (~finite).double()])
         advance()
     if not per_step:
         state.scheduler.step()
-    return totals.tolist()
+    bad = float(first_bad)
+    return totals.tolist(), (int(bad) if math.isfinite(bad) else None)
 
 
 def _save_modes(plan: Plan, objective: Objective, test: DataSource, ctx: DistContext, dev,
                 workers: int) -> list[float]:
     """Each member's ID test accuracy, and each member saved as a mode with its sidecar; returns the accuracies."""
+    for path, m in zip(plan.checkpoints, objective.members):  # no NaN weights saved as a mode
+        check_finite(m.state_dict(), f"the trained mode {path.parent.name}")
     accuracies = _test_accuracies(objective, test, get_preset(plan.preset), max(plan.batch_size, 256), dev, workers)
     for k, (m, path) in enumerate(zip(objective.members, plan.checkpoints)):
         save_checkpoint(path, m.cpu(), plan.sidecar(objective, k, accuracies[k], ctx.world_size, dev),
@@ -759,17 +814,3 @@ def _test_accuracies(objective: Objective, source: DataSource, preset: Preset, b
                 correct[i] += int((m(x).argmax(1)[keep] == t[keep]).sum())
                 seen[i] += int(keep.sum())
     return [c / s if s else float("nan") for c, s in zip(correct, seen)]
-
-
-def train_mode(
-    seed: int,
-    arch: str = "cnn",
-    dataset: str = "digits",
-    epochs: int | None = None,
-    out: Path = Path("save"),
-    lr: float | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-) -> Path:
-    """Train one independent mode; returns its checkpoint (``out/<Dataset>/<Arch>/seed-<S>/...``)."""
-    return train(seed, arch, dataset, epochs, out, lr, batch_size, device).paths[0]

@@ -2,14 +2,17 @@
 
 For each mode, every (split, view kind) that has no complete view in the cache is
 computed with the network loaded once, batch by batch, into memory-mapped arrays
-(memory does not grow with the dataset beyond the views themselves). Cached views
-are never touched. The mode's final layer (``head``: weight, bias) is cached too.
+(memory does not grow with the dataset beyond the views themselves). Intact cached views
+are never touched; a damaged one (see :meth:`oodens.views.cache.ViewCache.problem`) is reported
+in one warning line and recomputed. Each view is computed under its lock, so concurrent runs
+compute it once. The mode's final layer (``head``: weight, bias) is cached too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,14 +22,14 @@ import torch
 
 from oodens.data.presets import get_preset
 from oodens.data.sources import DataSource, IndexSource
-from oodens.errors import OodensError
+from oodens.errors import OodensError, OodensWarning
 from oodens.modes.discovery import Mode
 from oodens.runtime.device import resolve_device
 from oodens.runtime.distributed import DistContext, barrier
 from oodens.runtime.paths import safe_name
 from oodens.runtime.progress import progress_bar
 from oodens.version import __version__
-from oodens.views.cache import ViewCache, ViewWriter
+from oodens.views.cache import Problem, ViewCache, ViewWriter
 from oodens.views.kinds import VIEW_KINDS
 from oodens.views.types import BASE, HEAD, Views, ViewSpec
 
@@ -46,6 +49,22 @@ def _writing(writer: ViewWriter):
     except BaseException:
         writer.abort()
         raise
+
+
+def _report(mode: Mode, what: str, problem: Problem) -> None:
+    """One warning line for a cached view that cannot be used, e.g. ``cached view digits/test logits.npy of
+    mode seed-1000 is damaged (checksum mismatch): recomputing``."""
+    warnings.warn(f"cached view {what} {problem.file} of mode {mode.name} ({mode.sha256[:12]}) is {problem.state} "
+                  f"({problem.reason}): recomputing", OodensWarning, stacklevel=3)
+
+
+def _what(src_name: str, split: str, spec: ViewSpec) -> str:
+    return f"{src_name}/{split}" + ("" if spec == BASE else f" {spec.id}")
+
+
+def model_identity(mode: Mode) -> dict:
+    """What a checkpoint is read as; part of every view key (a view is only valid for the network it came from)."""
+    return {"arch": mode.arch, "num_outputs": mode.num_outputs}
 
 
 def _autocast(device: torch.device, precision: str):
@@ -99,6 +118,7 @@ def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec, precision: str = "f
         "checkpoint": str(mode.checkpoint),
         "checkpoint_sha256": mode.sha256,
         "arch": mode.arch,
+        "num_outputs": mode.num_outputs,
         "dataset": dataset,
         "preset": preset.identity(),
         "view": spec.identity(),
@@ -142,14 +162,15 @@ def extract(
         paths[mode.name] = {}
         for src in sources:
             for spec in [BASE] if any(src is b for b in base_only) else specs:
-                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec, precision)
+                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec, precision,
+                                  model=model_identity(mode))
                 paths[mode.name][((src.name, src.split), spec)] = path
-                if ViewCache.is_complete(path):
+                if ViewCache.problem(path) is None:
                     result.cached += 1
-                else:
+                else:  # missing or unusable: decided again under the view's lock
                     todo.setdefault(mode.name, []).append((src, spec, path))
-        head_paths[mode.name] = cache.path(mode.sha256, HEAD_SOURCE, {}, HEAD)
-        if not ViewCache.is_complete(head_paths[mode.name]):
+        head_paths[mode.name] = cache.path(mode.sha256, HEAD_SOURCE, {}, HEAD, model=model_identity(mode))
+        if ViewCache.problem(head_paths[mode.name]) is not None:
             need_head.add(mode.name)
     total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _, _ in jobs)
     barrier(ctx)  # every rank has decided what is missing before anything is written
@@ -166,19 +187,36 @@ def extract(
             if compile:
                 model = _compiled(model)
             if mode.name in need_head and ctx.is_main:
-                _write_head(model, head_paths[mode.name], _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
+                head = head_paths[mode.name]
+                with cache.lock(head):
+                    problem = ViewCache.problem(head)
+                    if problem is not None:
+                        if not problem.missing:
+                            _report(mode, "head", problem)
+                            cache.discard(head)
+                        _write_head(model, head, _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
             for src, spec, path in jobs:
                 cache.clean_stale(path.parent)
-                if not ctx.enabled and ViewCache.is_complete(path):  # another process finished it meanwhile
-                    result.cached += 1
-                    continue
                 bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
                 meta = _meta(mode, src.identity(), preset, spec, precision)
                 compute = partial(_compute_into, model, spec=spec, preset=preset, batch_size=batch_size,
                                   device=dev, workers=workers, precision=precision, channels_last=channels_last)
-                if ctx.enabled:
+                if ctx.enabled:  # torchrun: the ranks of one job share the pass; rank 0 publishes
+                    problem = ViewCache.problem(path)
+                    if ctx.is_main and problem is not None and not problem.missing:
+                        _report(mode, _what(src.name, src.split, spec), problem)  # replaced on commit
                     _sharded(compute, src, path, meta, cache, batch_size, ctx, lambda: bar.advance(task))
-                else:
+                    result.computed += 1
+                    continue
+                with cache.lock(path):
+                    problem = ViewCache.problem(path)
+                    if problem is None:  # another process computed it while this one waited for the lock
+                        result.cached += 1
+                        bar.advance(task, -(-len(src) // batch_size))
+                        continue
+                    if not problem.missing:
+                        _report(mode, _what(src.name, src.split, spec), problem)
+                        cache.discard(path)
                     with _writing(cache.writer(path, meta)) as writer:
                         compute(source=src, writer=writer, on_batch=lambda: bar.advance(task))
                 result.computed += 1

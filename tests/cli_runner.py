@@ -1,0 +1,14 @@
+"""Running the command line in-process from tests."""
+
+from oodens.cli import main
+
+
+def run(args, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
