@@ -327,6 +327,8 @@ class Experiment:
         sweep = Sweep(parse_ensemble_sizes(ensemble_sizes, len(self.modes)), max_subsets, subset_seed)
         dets = self.applicable(dets, strict)
         need_train = any(d.needs_fit for d in dets)
+        for d in dets if need_train else []:  # before any extraction: the training split's size is known
+            d.validate_training_size(len(self.train_source))
         ex = self.extract(dets, train=need_train)
         sets = self.member_set(ex, need_train)
         quality = id_quality(sets)  # once per mode set, shared by every detector's records

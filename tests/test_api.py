@@ -81,6 +81,7 @@ def test_library_errors_name_parameters(tmp_path):
     exp = oodens.Experiment(cache_dir=tmp_path, benchmark=oodens.get_benchmark("digits", ood=["noise"]))
     with pytest.raises(oodens.ParameterError, match=r"k=5000 exceeds the 758 training samples"):
         exp.evaluate(oodens.detectors.KNN(k=5000))
+    assert not any(tmp_path.rglob("*.npy"))  # refused before any extraction
     with pytest.raises(oodens.ParameterError, match=r"ensemble_sizes=9 .*1\.\.5"):
         exp.evaluate("msp", ensemble_sizes=9)
     with pytest.raises(oodens.OodensError, match="unknown OOD set 'nope'"):

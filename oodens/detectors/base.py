@@ -103,6 +103,11 @@ class Detector:
         Default: nothing to check."""
         return self
 
+    def validate_training_size(self, n: int) -> "Detector":
+        """Check the hyperparameters that depend only on the number of ID training samples ``n`` (known
+        before any extraction); raise :class:`ParameterError`. Default: nothing to check."""
+        return self
+
     def fit(self, train: Views | None = None) -> "Detector":
         """Learn state from the ID training views (detectors with ``needs_fit``); others only
         validate their hyperparameters and need no views."""

@@ -68,9 +68,10 @@ class KNN(FeatureDetector):
         self._check_int("k", 1)
         return self
 
-    def _check_k(self, n: int) -> None:
+    def validate_training_size(self, n: int) -> "KNN":
         if self.k > n:
             raise self._param_error("k", f"exceeds the {n} training samples: expected 1..{n}")
+        return self
 
     def member_features(self, features):
         return l2_normalize(features)
@@ -79,7 +80,7 @@ class KNN(FeatureDetector):
         import faiss
 
         feats = self._fit_features(train)
-        self._check_k(len(feats))
+        self.validate_training_size(len(feats))
         bank, index, gpu = None, None, None
         if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # the GPU wheel on a machine with a GPU
             gpu = faiss.StandardGpuResources()
@@ -101,7 +102,7 @@ class KNN(FeatureDetector):
         import faiss
 
         feats = self._score_features(views)
-        self._check_k(self.n_samples_fit_)  # k is read at query time: it may have changed since fit
+        self.validate_training_size(self.n_samples_fit_)  # k is read at query time: it may have changed since fit
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
             q = np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK]))
