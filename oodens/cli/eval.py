@@ -72,7 +72,8 @@ def eval_cmd(
     if as_json:
         print(json.dumps(res.records, indent=2), flush=True)
     else:
-        stdout.print(f"[bold]{exp.benchmark.name}[/] · {len(exp.modes)} modes of {exp.modes.arch} from "
+        n = len(exp.modes)
+        stdout.print(f"[bold]{exp.benchmark.name}[/] · {n} mode{'s' if n != 1 else ''} of {exp.modes.arch} from "
                      f"{exp.modes.path.resolve()}")
         frame = res.wide()
         for table in [summary_table(frame)] if summary else detector_tables(frame):

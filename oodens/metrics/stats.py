@@ -1,10 +1,13 @@
 """Statistics over modes for ``oodens report``.
 
-- :func:`t_interval`: the t-interval of the mean of the modes' values.
+- :func:`t_interval`: the t-interval of the mean of the modes' values; for metrics bounded in [0, 1]
+  (``METRICS[m].percent``) on the logit scale, back-transformed, so that it stays inside [0, 1].
 - :func:`ensemble_test`: does the ensemble beat the modes? A one-sided one-sample t-test of the
   modes' values against the ensemble's value (H1: the modes' mean is worse than the ensemble).
 - :func:`holm`: Holm's step-down correction (statsmodels) over a family of such tests.
-- :func:`mode_stats`: all of the above, plus spread (std, min, max), for every detector x OOD set.
+- :func:`mode_stats`: all of the above, plus spread (std, min, max), for every detector x OOD set; the Holm
+  family is the independent (detector setting, OOD set) cells only: rows that average other rows (kind
+  ``"average"``: near/far/average; ``"shift-average"``: C-s) are descriptive (uncorrected p, no p_holm).
 - :func:`bootstrap_ci`: a seeded percentile bootstrap CI over samples for one member's metric,
   from its per-sample scores (ID and OOD resampled separately).
 
@@ -24,14 +27,30 @@ from statsmodels.stats.multitest import multipletests
 from oodens.metrics.ood import METRICS, OOD_METRICS
 
 
-def t_interval(values, level: float = 0.95) -> tuple[float, float]:
+LOGIT_EPS = 1e-4  # bounded metrics' values are clipped to [eps, 1 - eps] before the logit
+DERIVED_KINDS = ("average", "shift-average")  # rows averaging other rows: not independent tests
+
+
+def bounded(metric: str) -> bool:
+    """Whether the metric lies in [0, 1]: every metric shown in % (OOD metrics, accuracy, ECE); not NLL or Brier."""
+    return METRICS[metric].percent
+
+
+def t_interval(values, level: float = 0.95, logit: bool = False) -> tuple[float, float]:
     """Two-sided t-interval of the mean: mean ± t_{(1+level)/2, n-1} · s / sqrt(n) (s: sample std).
 
+    ``logit=True`` (values in [0, 1]): the same interval for the mean of logit(clip(values, eps, 1 - eps)),
+    eps = :data:`LOGIT_EPS`, mapped back with the logistic function, so it stays inside [0, 1].
     NaN for fewer than two values; a zero-width interval when all values are equal.
     """
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
         return math.nan, math.nan
+    if logit:
+        from scipy.special import expit, logit as to_logit
+
+        low, high = t_interval(to_logit(np.clip(x, LOGIT_EPS, 1 - LOGIT_EPS)), level)
+        return float(expit(low)), float(expit(high))
     mean, se = float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
     if se == 0:
         return mean, mean
@@ -71,10 +90,13 @@ def holm(pvalues) -> np.ndarray:
 def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: float = 0.05) -> pd.DataFrame:
     """Per detector setting x OOD set in ``frame`` (records of ONE mode set, benchmark and convention):
     the modes' mean, t-interval, std, min, max; the ensemble's value; the one-sided test of the ensemble
-    against the modes, Holm-corrected over every row (detectors x OOD sets) of the result.
+    against the modes. The t-interval is on the logit scale for metrics bounded in [0, 1] (:func:`bounded`).
+    Holm's correction runs over the independent cells only: rows whose ``kind`` is an OOD set (near, far,
+    semantic, shift); rows averaging others (kind ``"average"`` or ``"shift-average"``) keep their uncorrected
+    ``p`` as a description, with ``p_holm`` NaN and ``ensemble_better`` False; ``in_family`` says which is which.
 
     ``frame`` is oodens.report.tables's records frame: one row per record with columns ``setting`` (detector,
-    strategy, parameters), ``role`` (``"member"`` and ``"ensemble"`` rows are used), ``ood`` and the metric.
+    strategy, parameters), ``role`` (``"member"`` and ``"ensemble"`` rows are used), ``ood``, ``kind`` and the metric.
     Settings with fewer than two modes (nothing to test) or without an ensemble row are left out.
     """
     rows = []
@@ -85,16 +107,21 @@ def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: flo
         ens_value = float(ens[metric].iloc[0])
         if len(values) < 2 or not np.isfinite(ens_value):
             continue  # ensemble-only detectors and single modes: nothing to compare
-        low, high = t_interval(values, level)
+        low, high = t_interval(values, level, logit=bounded(metric))
         t, p = ensemble_test(values, ens_value, metric)
         rows.append({"setting": setting, "detector": ens["detector"].iloc[0], "strategy": ens["strategy"].iloc[0],
-                     "ood": ood, "metric": metric, "n_modes": len(values), "mean": float(values.mean()),
-                     "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0, "min": float(values.min()),
+                     "ood": ood, "kind": ens["kind"].iloc[0], "metric": metric, "n_modes": len(values),
+                     "mean": float(values.mean()),
+                     "std": float(values.std(ddof=1)), "min": float(values.min()),
                      "max": float(values.max()), "ci_low": low, "ci_high": high, "ensemble": ens_value,
                      "t": t, "p": p})
-    out = pd.DataFrame(rows, columns=["setting", "detector", "strategy", "ood", "metric", "n_modes", "mean", "std",
-                                      "min", "max", "ci_low", "ci_high", "ensemble", "t", "p"])
-    out["p_holm"] = holm(out["p"].to_numpy()) if len(out) else []
+    out = pd.DataFrame(rows, columns=["setting", "detector", "strategy", "ood", "kind", "metric", "n_modes", "mean",
+                                      "std", "min", "max", "ci_low", "ci_high", "ensemble", "t", "p"])
+    out["in_family"] = ~out["kind"].isin(DERIVED_KINDS)
+    p_holm = np.full(len(out), np.nan)
+    if out["in_family"].any():
+        p_holm[out["in_family"].to_numpy()] = holm(out.loc[out["in_family"], "p"].to_numpy())
+    out["p_holm"] = p_holm
     out["ensemble_better"] = out["p_holm"] < alpha
     return out
 

@@ -8,8 +8,9 @@ CSV and JSON exports are the long/tidy form (:func:`tidy`: one row per record an
 Tables, one set per mode set x benchmark x metric convention:
 - ``ood``: per metric, rows = detector x (each mode, mean ± std, ensemble), columns = OOD sets and
   their averages (near/far/average);
-- ``stats``: per metric, detector x OOD set: modes' mean with its t-interval, std, min–max, the
-  ensemble, and a one-sided t-test of ensemble vs modes with Holm correction (oodens.metrics.stats);
+- ``stats``: per metric, detector x OOD set: modes' mean with its t-interval (logit scale for metrics in
+  [0, 1]), std, min–max, the ensemble, and a one-sided t-test of ensemble vs modes, Holm-corrected over the
+  independent (detector, OOD set) cells; near/far/average rows are descriptive (oodens.metrics.stats);
 - ``id``: ID accuracy, NLL, Brier, ECE per mode, mean ± std, ensemble;
 - ``shift``: accuracy on covariate-shift sets (each corruption and the C-1..C-5 severity averages);
 - ``size``: metric against the number of modes k (mean ± std over k-of-N subsets).
@@ -235,8 +236,8 @@ def stats_frame(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
         for m in metrics:
             st = stats.mode_stats(sub, m, level=1 - alpha, alpha=alpha)
             parts.append(st.assign(**info))
-    cols = FAMILY + ["setting", "detector", "strategy", "ood", "metric", "n_modes", "mean", "std", "min", "max",
-                     "ci_low", "ci_high", "ensemble", "t", "p", "p_holm", "ensemble_better"]
+    cols = FAMILY + ["setting", "detector", "strategy", "ood", "kind", "metric", "n_modes", "mean", "std", "min",
+                     "max", "ci_low", "ci_high", "ensemble", "t", "p", "in_family", "p_holm", "ensemble_better"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
@@ -258,15 +259,21 @@ def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[li
             rows = [[labels[r.setting], r.ood, fmt(r.mean, m), f"[{fmt(r.ci_low, m)}, {fmt(r.ci_high, m)}]",
                      fmt(r.std, m), f"{fmt(r.min, m)}–{fmt(r.max, m)}", fmt(r.ensemble, m),
                      f"{100 * (r.ensemble - r.mean):+.1f}", fmt_p(r.p), fmt_p(r.p_holm),
-                     "yes" if r.ensemble_better else "no"] for r in st.itertuples()]
+                     ("yes" if r.ensemble_better else "no") if r.in_family else "—"] for r in st.itertuples()]
             head = ["detector", "OOD set", "modes", f"{level} CI", "std", "min–max", "ensemble", "Δ", "p",
                     "p Holm", "better"]
             side = "higher" if METRICS[m].higher_is_better else "lower"
-            caption = (f"{CONVENTION[info['positive']]}. Values in %. modes: mean over modes with its {level} "
-                       f"t-interval, sample std and range; Δ = ensemble − modes' mean; p: one-sided one-sample "
-                       f"t-test of the modes' values against the ensemble's (H1: ensemble better, {side} is "
-                       f"better); p Holm: Holm-corrected over the {len(st)} tests of this table; better: p Holm < "
-                       f"{alpha:g}.")
+            n_family, derived = int(st["in_family"].sum()), list(dict.fromkeys(st.loc[~st["in_family"], "ood"]))
+            interval = (f"{level} t-interval on the logit scale (values clipped to [{stats.LOGIT_EPS:g}, "
+                        f"1 − {stats.LOGIT_EPS:g}]), back-transformed" if stats.bounded(m) else f"{level} t-interval")
+            caption = (f"{CONVENTION[info['positive']]}. " + ("Values in %. " if m not in NOT_PERCENT else "")
+                       + f"modes: mean over modes with its {interval}, sample std and range; Δ = ensemble − modes' "
+                       f"mean; p: one-sided one-sample t-test of the modes' values against the ensemble's (H1: "
+                       f"ensemble better, {side} is better); p Holm: Holm-corrected over the {n_family} independent "
+                       f"(detector, OOD set) test{'s' if n_family != 1 else ''} of this table; better: p Holm < "
+                       f"{alpha:g}."
+                       + (f" Rows {', '.join(derived)} average other rows: their p is descriptive, not a test "
+                          "(no correction, —)." if derived else ""))
             out.append(Table("stats", f"Ensemble vs modes: {LABELS[m]} {arrow(m)} · {title}", caption,
                              pd.DataFrame(rows, columns=head), 2))
     return out
@@ -341,11 +348,17 @@ def size_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
                     cells = []
                     for k in ks:
                         at = (block["k"] == k) & (block["ood"] == o)
-                        mean, std = block[at & (block["stat"] == "mean")][m], block[at & (block["stat"] == "std")][m]
-                        cells.append("—" if mean.empty else f"{fmt(mean.iloc[0], m)} ± {fmt(std.iloc[0], m)}")
+                        mean = block[at & (block["stat"] == "mean")]
+                        std = block[at & (block["stat"] == "std")][m]
+                        if mean.empty:
+                            cells.append("—")
+                        elif float(mean["n_subsets"].iloc[0]) < 2:  # one subset (k = N): no std
+                            cells.append(fmt(mean[m].iloc[0], m))
+                        else:
+                            cells.append(f"{fmt(mean[m].iloc[0], m)} ± {fmt(std.iloc[0], m)}")
                     rows.append([labels[s], o, *cells])
             caption = (f"{CONVENTION[info['positive']]}. Values in %: mean ± std over the k-of-N subsets of the "
-                       "modes (all of them, or a seeded sample; counts in the CSV as n_subsets).")
+                       "modes (all of them, or a seeded sample; counts in the CSV as n_subsets; one subset: no std).")
             out.append(Table("size", f"Ensemble size: {LABELS[m]} {arrow(m)} · {title}", caption,
                              pd.DataFrame(rows, columns=["detector", "OOD set", *[f"k={k}" for k in ks]]), 2))
     return out
@@ -366,12 +379,20 @@ def _pct2(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def _eval_cells(row: pd.Series, columns, std: Optional[pd.Series] = None) -> list[str]:
+def _eval_cells(row: pd.Series, columns, std: Optional[pd.Series] = None, n: int = 2) -> list[str]:
+    """Percentages with two decimals; with ``std``, "mean ± std" over ``n`` values ("mean ± —" for one value:
+    the std of one mode or one subset is undefined, whatever the record stores)."""
     def one(k):
         if not np.isfinite(row[k]):
             return ""
-        return f"{_pct2(row[k])} ± {_pct2(std[k])}" if std is not None else _pct2(row[k])
+        if std is None:
+            return _pct2(row[k])
+        return f"{_pct2(row[k])} ± {_pct2(std[k]) if n > 1 else '—'}"
     return [one(k) for k in columns]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def detector_tables(frame: pd.DataFrame) -> list[Table]:
@@ -391,12 +412,13 @@ def detector_tables(frame: pd.DataFrame) -> list[Table]:
                 if r["role"] == "member":
                     rows.append([ood, r["member"], *_eval_cells(r, columns)])
                 elif r["role"] == "mean":
-                    rows.append([ood, "mean ± std", *_eval_cells(r, columns, std.iloc[0])])
+                    rows.append([ood, "mean ± std", *_eval_cells(r, columns, std.iloc[0], int(r["n_members"]))])
                 elif r["role"] == "ensemble":
                     rows.append([ood, f"ensemble ({int(r['n_members'])})", *_eval_cells(r, columns)])
                 elif r["role"] == "subsets" and r["stat"] == "mean":
                     sd = at[(at["role"] == "subsets") & (at["k"] == r["k"]) & (at["stat"] == "std")].iloc[0]
-                    rows.append([ood, f"k={int(r['k'])} ({int(r['n_subsets'])} subsets)", *_eval_cells(r, columns, sd)])
+                    n = int(r["n_subsets"])
+                    rows.append([ood, f"k={int(r['k'])} ({_plural(n, 'subset')})", *_eval_cells(r, columns, sd, n)])
         title = f"{first['detector']}{f' ({params})' if params else ''} · strategy {first['strategy']}"
         out.append(Table("eval", title, CONVENTION[first["positive"]] + "; values in %, std over modes",
                          pd.DataFrame(rows, columns=["OOD set", "member", *heads]), 2))
@@ -415,7 +437,8 @@ def summary_table(frame: pd.DataFrame) -> Table:
         by_role = {role: b.iloc[0] for role, b in block.groupby("role", sort=False)}
         cells = []
         for k in ("fpr95", "auroc", "aupr_out"):
-            mean = f"{_pct2(by_role['mean'][k])} ± {_pct2(by_role['std'][k])}" if "mean" in by_role else "—"
+            mean = (_eval_cells(by_role["mean"], [k], by_role["std"], int(by_role["mean"]["n_members"]))[0]
+                    if "mean" in by_role else "—")
             cells += [mean, _pct2(by_role["ensemble"][k])]
         rows.append([block["detector"].iloc[0], block["strategy"].iloc[0], *cells])
     title = f"summary · {target if target != 'average' else 'average over ' + ', '.join(sets)}"
