@@ -12,3 +12,9 @@ def run(args, capsys):
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def messages(err: str) -> list[str]:
+    """stderr's lines without the progress lines that runs log when stderr is not a terminal
+    (``extracting ...`` per view, ``epoch k/N: ...`` per epoch)."""
+    return [line for line in err.strip().splitlines() if not line.startswith(("extracting ", "epoch "))]

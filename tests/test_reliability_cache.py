@@ -27,7 +27,7 @@ from oodens.views.cache import FORMAT_VERSION, ViewCache, ViewWriter
 from oodens.views.extract import extract, model_identity
 
 from conftest import snapshot
-from cli_runner import run
+from cli_runner import messages, run
 
 
 def _sources():
@@ -203,7 +203,8 @@ def test_full_disk_is_one_line_and_leaves_no_temp_and_published_views_untouched(
     # the same through the CLI: one line, exit 2, nothing published touched
     code, out, err = run(["extract", "--modes", str(two_modes), "--cache-dir", str(cache.root)], capsys)
     assert code == 2
-    assert err.count("\n") == 1 and err.startswith("oodens: error: no space left on device for view "), err
+    lines = messages(err)
+    assert len(lines) == 1 and lines[0].startswith("oodens: error: no space left on device for view "), err
     assert all(snapshot(cache.root)[k] == v for k, v in before.items())
     assert not list(cache.root.rglob(".tmp-*"))
 
@@ -252,7 +253,7 @@ def test_full_tmpfs_is_one_line_not_sigbus(two_modes, tmp_path):
     out_lines = proc.stdout.split()
     assert "rc=2" in out_lines, (proc.stdout, proc.stderr[-2000:])  # not 135 (SIGBUS)
     assert out_lines[-1] == "0"  # no temp folder keeps the disk full
-    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    err = messages(proc.stderr)  # progress lines of the views extracted before the disk filled aside
     assert len(err) == 1 and err[0].startswith("oodens: error: no space left on device for view "), proc.stderr
     assert "free space or point --cache-dir elsewhere" in err[0]
 
@@ -271,7 +272,8 @@ def test_read_only_cold_cache_is_one_line_and_warm_one_still_reads(two_modes, tm
         finally:
             cache.chmod(0o755)
         assert code == 2
-        assert err.count("\n") == 1 and err.startswith(f"oodens: error: view cache {cache} is not writable: "), err
+        lines = messages(err)
+        assert len(lines) == 1 and lines[0].startswith(f"oodens: error: view cache {cache} is not writable: "), err
         return
     if not _unshare_works(tmp_path):
         pytest.skip("running as root and cannot mount a read-only folder here")

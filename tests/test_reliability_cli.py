@@ -32,7 +32,7 @@ from oodens.modes.checkpoints import atomic_write_bytes
 from oodens.runtime.paths import shipped_modes_dir
 
 from conftest import REPO, snapshot
-from cli_runner import run
+from cli_runner import messages, run
 
 
 def one_error(err: str) -> str:
@@ -234,7 +234,7 @@ def test_option_type_and_range_errors_are_one_line(args, expected, capsys):
     code, out, err = run(args, capsys)
     assert code == 2 and out == ""
     assert " ".join(one_error(err).split()).startswith(expected), err
-    assert len(err.strip().splitlines()) == 1, err
+    assert len(messages(err)) == 1, err
 
 
 def test_help_and_version_still_exit_0(capsys):
@@ -330,7 +330,7 @@ def test_energy_temperature_that_overflows_is_one_line(env, capsys):
     line = " ".join(one_error(err).split())
     assert line == ("oodens: error: energy scores of mode seed-1000 on the ID test split: 325 of 325 are not finite "
                     "(expected finite scores: check the mode's weights and energy's hyperparameters)")
-    assert len(err.strip().splitlines()) == 1, err
+    assert len(messages(err)) == 1, err
     assert snapshot(env["results"]) == before and snapshot(env["cache"]) == cache
 
 
@@ -349,5 +349,5 @@ def test_weights_whose_logits_overflow_name_the_mode(env, tmp_path, capsys):
     line = " ".join(one_error(err).split())
     assert line.startswith("oodens: error: logits of mode seed-1100 on the ID test split: ")
     assert "are not finite (expected finite logits: check the mode's weights)" in line
-    assert len(err.strip().splitlines()) == 1, err
+    assert len(messages(err)) == 1, err
     assert snapshot(env["results"]) == before

@@ -734,8 +734,8 @@ def _run_epochs(plan: Plan, state: TrainingState, batches: _Batches, last: int, 
             if non_finite or not math.isfinite(loss_sum):  # every process agrees: all stop here, nothing saved
                 raise _diverged(plan, state.epoch + 1, first_bad, steps, None)
             state.epoch += 1
-            bar.update(task, info=f"epoch {state.epoch}/{plan.epochs} loss {loss_sum / max(n, 1.0):.3f} "
-                                  f"acc {100 * correct / max(seen, 1.0):.1f}%")
+            bar.update(task, info=f"epoch {state.epoch}/{plan.epochs}: loss {loss_sum / max(n, 1.0):.3f}, "
+                                  f"acc {100 * correct / max(seen, 1.0):.1f}%", milestone="epoch")
             if ctx.is_main:
                 state.save(plan.state_path, plan.config())
 

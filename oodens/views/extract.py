@@ -175,7 +175,8 @@ def extract(
     total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _, _ in jobs)
     barrier(ctx)  # every rank has decided what is missing before anything is written
     with progress_bar(disable=not ctx.is_main) as bar:
-        task = bar.add_task("extracting", total=total_batches, info="")
+        task = bar.add_task("extracting", total=total_batches, info="", unit="batches", rate_unit="images",
+                            scale=batch_size, log_every=0.1)
         for mode in modes:
             jobs = todo.get(mode.name, [])
             if not jobs and mode.name not in need_head:
