@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from oodens.data import get_benchmark as _registered_benchmark
 from oodens.data import data_root as _resolve_root
 from oodens.data import get_preset, source_from_path
 from oodens.detectors import DETECTORS, Detector, get_detector
-from oodens.ensemble.evaluate import DetectorRun, MemberSet, Sweep, evaluate_detector, id_quality
+from oodens.ensemble.evaluate import DetectorRun, MemberSet, Quality, Sweep, evaluate_detector
 from oodens.errors import OodensError, OodensWarning, ParameterError
 from oodens.metrics.ood import POSITIVES
 from oodens.modes.discovery import Mode, ModeFlags, discover_modes
@@ -250,7 +250,7 @@ class Experiment:
 
     # ---- extraction -> views
     def extract(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *, train: bool = True,
-                distributed: bool = False, on_progress: Callable | None = None):
+                distributed: bool = False):
         """Make sure every view these detectors read is cached (one forward pass per mode and split) and
         return the :class:`oodens.views.extract.Extraction`. ``distributed``: under torchrun, ranks share each
         pass and rank 0 writes (the others get ``None``)."""
@@ -331,7 +331,7 @@ class Experiment:
             d.validate_training_size(len(self.train_source))
         ex = self.extract(dets, train=need_train)
         sets = self.member_set(ex, need_train)
-        quality = id_quality(sets)  # once per mode set, shared by every detector's records
+        quality = Quality(sets)  # once per mode set, shared by every detector's records
         runs = []
         for d in dets:
             run = evaluate_detector(d, sets, strategy if strategy in d.strategies else None, positive, sweep, quality)

@@ -170,9 +170,6 @@ def flag_of(owner: str, param: str) -> Optional[str]:
     return None
 
 
-def resolve_path(p: Optional[Path]) -> Optional[Path]:
-    return Path(p) if p is not None else None
-
 
 def expect_folder(flag: str, path) -> None:
     """A one-line error when a folder option points at a file (or below one), before any work:

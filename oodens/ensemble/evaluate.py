@@ -2,7 +2,7 @@
 
 The input is a :class:`MemberSet` (each member's views of the ID train split, the ID test split and
 every OOD set). ID quality (accuracy, NLL, Brier, ECE of each member and of the ensemble, and the
-accuracy on covariate-shift sets) does not depend on the detector: :func:`id_quality` computes it once
+accuracy on covariate-shift sets) does not depend on the detector: :class:`Quality` computes it once
 per mode set and every detector's records carry it.
 
 Records are flat dicts, one per (detector x strategy, row, OOD set), metric values as fractions.
@@ -44,7 +44,6 @@ from oodens.views.types import Views
 
 AVERAGE = "average"
 ID_KEY = "__id__"
-ROLES = ("member", "mean", "std", "ensemble", "subsets")
 
 
 @dataclass
@@ -239,10 +238,6 @@ class Quality:
                 {o: ensemble_accuracy([s.oods[o][i] for i in idx], labels) for o in self._shift_sets})
 
 
-def id_quality(sets: MemberSet) -> Quality:
-    return Quality(sets)
-
-
 # --------------------------------------------------------------------------- one detector
 
 
@@ -290,7 +285,7 @@ def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None 
     """Score one detector (an instance: its hyperparameters) for every member, for the ensemble under
     ``strategy`` (the detector's default when None) and for every subset of the sweep; compute every metric."""
     strategy = resolve_strategy(type(detector), strategy, leave_out=sets.leave_out)
-    quality = quality or id_quality(sets)
+    quality = quality or Quality(sets)
     kinds = sets.kinds
     # numpy's overflow/invalid warnings are replaced by check_finite's one error naming the member and set
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
