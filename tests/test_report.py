@@ -20,6 +20,7 @@ from oodens import results
 from oodens.cli import main
 from oodens.metrics import stats
 from oodens.metrics.ood import ood_metrics
+from oodens.report import figures
 from oodens.report import tables as report
 from oodens.runtime.paths import shipped_modes_dir
 
@@ -208,7 +209,7 @@ def test_id_quality_table_and_reliability_match_the_views(store):
     nll = [hand_quality(probs[m], labels)["id_nll"] for m in MODES]
     assert cells.at["mean ± std", nll_col] == f"{np.mean(nll):.3f} ± {np.std(nll, ddof=1):.3f}"
 
-    got, y = report.view_probs(views, ["digits"])
+    got, y = figures.view_probs(views, ["digits"])
     assert np.array_equal(y, labels) and set(got) == {*MODES, "ensemble"}
     np.testing.assert_allclose(got["ensemble"], probs["ensemble"], rtol=1e-12)
 

@@ -13,7 +13,8 @@ from oodens.errors import OodensError
 from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
                                   filter_frame, load_scores, ood_tables, parse_metrics, quality_tables, render_latex,
                                   render_markdown, render_rich, shift_tables, size_tables, stats_frame, stats_tables,
-                                  to_json, view_probs, write_plots)
+                                  to_json)
+from oodens.report.figures import view_probs, write_plots
 from oodens.results import VALUES, load_frame, tidy
 from oodens.runtime.paths import default_results_dir
 

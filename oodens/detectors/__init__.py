@@ -15,6 +15,7 @@ The classes are exported by name below; ``DETECTORS`` maps registry names to the
 from oodens.detectors.base import (DETECTORS, Detector, check_is_fitted, get_detector, param, parse_detectors,
                                    register_detector)
 from oodens.detectors import logit, feature, shaping, gradient, subspace, disagreement  # noqa: F401,I001  (registers, in table order)
+from oodens.detectors import confidence, geometry, temperature, layers  # noqa: F401,I001
 from oodens.detectors.logit import MSP, ODIN, Energy, Entropy, MaxLogit, RankFeat
 from oodens.detectors.feature import KNN, Mahalanobis
 from oodens.detectors.shaping import ASH, DICE, ReAct

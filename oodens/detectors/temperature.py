@@ -1,0 +1,4 @@
+"""Detectors fitted on the ID validation split (temperature-scaled MSP).
+"""
+
+from __future__ import annotations
