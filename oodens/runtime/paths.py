@@ -62,3 +62,19 @@ def shipped_modes_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return here.parent / "checkpoints" / "Digits" / "CNN"
+
+
+def mode_set_name(path: str | Path, cwd: str | Path | None = None) -> str:
+    """How captions, headers and figure names call a mode set: ``shipped`` for the shipped digits modes,
+    else its folder relative to the working directory (``save/ImageNet/DN121``) when it lies below it,
+    else ``~/...`` below the home folder, else the absolute path. Never depends on where oodens is installed."""
+    p = Path(path).expanduser().resolve()
+    if p == shipped_modes_dir().resolve():
+        return "shipped"
+    for base, prefix in ((Path(cwd) if cwd is not None else Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            rel = p.relative_to(base.resolve())
+        except ValueError:
+            continue
+        return prefix + (rel.as_posix() if rel.parts else ".")
+    return p.as_posix()
