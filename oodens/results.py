@@ -7,6 +7,18 @@ holds ``"sha256"``, the checksum of the rest of its content (:func:`run_checksum
 it and skips a damaged file (checksum mismatch, unreadable or not a run) with one warning naming it, so the
 other runs still report.
 
+Runs know their mode set: the settings hold every member's checkpoint sha256, and :func:`modeset_id` turns
+them into a short id (column ``modeset``). Records of different mode sets are never one table: ``modeset`` is
+part of :data:`FAMILY`. When a folder's modes change (a mode added, one retrained), its latest run's mode set
+is current and the older runs of that folder (same benchmark) with another mode set are *superseded*
+(column ``superseded``): ``oodens report`` leaves them out and names them, ``--all-runs`` shows them as
+their own tables.
+
+Why JSON files and not SQLite: a run is one file written by an atomic rename, so concurrent ``oodens eval``
+processes (a cluster array job) never share a file or a lock, and the store works on network file systems
+where SQLite's locking is unreliable; a damaged file costs that run only; supersession and filtering are
+queries on the frame the files load into, small at any realistic count of runs.
+
 Frame (:func:`records_frame`): one row per record with the settings merged in: the :data:`KEYS`
 columns (``role``, ``k`` and ``stat`` say what a row is, see :mod:`oodens.ensemble.evaluate`) and one column per
 metric (fractions; NaN where a record has none). :func:`tidy` is the long form, one row per record
@@ -20,10 +32,11 @@ import hashlib
 import json
 import math
 import os
-import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from oodens.errors import OodensError, OodensWarning
@@ -32,12 +45,20 @@ from oodens.modes.checkpoints import atomic_write_bytes
 
 #: every metric a record can carry: OOD metrics, ID quality, accuracy under shift
 VALUES = tuple(METRICS)
-#: one set of tables per mode set, benchmark and metric convention
-FAMILY = ["benchmark", "modes", "positive"]
-KEYS = ["benchmark", "modes", "arch", "positive", "detector", "strategy", "params", "fit_fraction", "setting",
-        "n_members", "member", "role", "k", "stat", "ood", "kind", "n_subsets", "leave_out"]
+#: one set of tables per benchmark, mode set (its folder and its checkpoints) and metric convention
+FAMILY = ["benchmark", "modes", "modeset", "positive"]
+KEYS = ["benchmark", "modes", "modeset", "created", "superseded", "arch", "positive", "detector", "strategy", "params",
+        "fit_fraction", "setting", "n_members", "member", "role", "k", "stat", "ood", "kind", "n_subsets", "leave_out"]
 #: what tells two rows of one family apart
 ROW = FAMILY + ["setting", "role", "member", "k", "stat", "ood"]
+
+
+def modeset_id(checkpoints: dict | None) -> str:
+    """A mode set's identity: sha256[:12] of its members' names and checkpoint sha256s ("" when a store written
+    before runs recorded them has none)."""
+    if not checkpoints:
+        return ""
+    return hashlib.sha256(json.dumps(checkpoints, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def settings_key(settings: dict) -> str:
@@ -60,7 +81,8 @@ def save_run(results_dir: Path, settings: dict, records: list[dict]) -> Path:
     leaves no temp file and raises an :class:`OodensError` naming the file, the reason and, for a full disk,
     the bytes needed; an earlier file of the same settings stays as it was."""
     path = Path(results_dir) / "runs" / f"{settings_key(settings)}.json"
-    payload = {"settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "records": records}
+    created = datetime.now().astimezone().isoformat(timespec="microseconds")
+    payload = {"settings": settings, "created": created, "records": records}
     payload[CHECKSUM] = run_checksum(payload)
     data = (json.dumps(payload, indent=1) + "\n").encode()
     try:
@@ -103,7 +125,9 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         params = r.get("params") or {}
         fit = float(r.get("fit_fraction", 1.0))
         role, k, stat = _row_identity(r)
-        row = {"benchmark": r.get("benchmark", ""), "modes": r.get("modes", ""), "arch": r.get("arch", ""),
+        row = {"benchmark": r.get("benchmark", ""), "modes": r.get("modes", ""),
+               "modeset": modeset_id(r.get("checkpoints")), "created": r.get("created", ""), "superseded": False,
+               "arch": r.get("arch", ""),
                "positive": r.get("positive", "id"), "detector": r["detector"], "strategy": r["strategy"],
                "params": json.dumps(params), "fit_fraction": fit,
                "setting": setting_name(r["detector"], r["strategy"], params, fit), "n_members": int(r["n_members"]),
@@ -131,14 +155,37 @@ def _read_run(f: Path) -> tuple[str, pd.DataFrame]:
     if CHECKSUM in run and run[CHECKSUM] != run_checksum(run):
         raise ValueError("checksum mismatch: its content changed after `oodens eval` wrote it")
     try:
-        frame = records_frame([{**run["settings"], **r} for r in run["records"]])
+        created = str(run.get("created", ""))
+        frame = records_frame([{**run["settings"], "created": created, **r} for r in run["records"]])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"a record is malformed ({type(e).__name__}: {e})") from e
-    return str(run.get("created", "")), frame
+    return created, frame
+
+
+def mark_superseded(frame: pd.DataFrame) -> pd.DataFrame:
+    """Set ``superseded`` on the rows of runs whose mode set is not the one of their folder's latest run on
+    that benchmark (the folder's modes changed since). Runs without checkpoint hashes are never superseded."""
+    frame = frame.copy()
+    known = frame[frame["modeset"] != ""]
+    latest = (known.sort_values("created", kind="stable").groupby(["benchmark", "modes"])["modeset"].last()
+              if len(known) else pd.Series(dtype=object))
+    current = frame.set_index(["benchmark", "modes"]).index.map(lambda key: latest.get(key, ""))
+    frame["superseded"] = (frame["modeset"] != "") & (frame["modeset"].to_numpy() != np.asarray(current, dtype=object))
+    return frame
+
+
+def superseded_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per superseded mode set of ``frame``: benchmark, modes, modeset, n_members, runs (settings), created
+    (the latest of its runs)."""
+    old = frame[frame["superseded"]]
+    return (old.groupby(["benchmark", "modes", "modeset"], sort=False)
+            .agg(n_members=("n_members", "max"), runs=("setting", "nunique"), created=("created", "max"))
+            .reset_index())
 
 
 def load_frame(results_dir: Path) -> pd.DataFrame:
-    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins).
+    """Every record in ``results_dir/runs/*.json`` (oldest run first, so a newer run of the same setting wins),
+    with ``superseded`` marked (:func:`mark_superseded`).
 
     A damaged file (checksum mismatch, unreadable, not a run) is skipped with one
     :class:`oodens.errors.OodensWarning` naming it; when every file is damaged it is an :class:`OodensError`."""
@@ -159,7 +206,7 @@ def load_frame(results_dir: Path) -> pd.DataFrame:
                           "`oodens eval`)")
     runs.sort(key=lambda r: r[0])
     frame = pd.concat([r[1] for r in runs], ignore_index=True)
-    return frame.drop_duplicates(ROW, keep="last").reset_index(drop=True)
+    return mark_superseded(frame.drop_duplicates(ROW, keep="last").reset_index(drop=True))
 
 
 def tidy(frame: pd.DataFrame, metrics=None) -> pd.DataFrame:

@@ -281,11 +281,12 @@ def test_latex_is_a_well_formed_tabular(store, capsys):
     code, out, err = run(["report", "--results", str(store["results"]), "--latex", "--metric", "fpr95",
                           "--tables", "ood,stats,id"], capsys)
     assert code == 0, err
-    assert out.count(r"\begin{tabular}") == out.count(r"\end{tabular}") == 3
-    assert out.count(r"\begin{table}") == out.count(r"\end{table}") == 3
+    # ood, stats, the ensemble gain over OOD sets (part of the stats tables), id
+    assert out.count(r"\begin{tabular}") == out.count(r"\end{tabular}") == 4
+    assert out.count(r"\begin{table}") == out.count(r"\end{table}") == 4
     assert out.count("{") - out.count(r"\{") == out.count("}") - out.count(r"\}")
-    ood, st, idq = parse_tabulars(out)
-    for spec, rows in (ood, st, idq):
+    ood, st, gain, idq = parse_tabulars(out)
+    for spec, rows in (ood, st, gain, idq):
         assert re.fullmatch(r"l+r+", spec)
         assert all(len(r) == len(spec) for r in rows)
     oods = ["digits-6789", "letters", "noise", "far", "average"]

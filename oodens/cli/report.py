@@ -12,11 +12,11 @@ from oodens.cli.options import ResultsOpt, expect_folder, names, stderr, stdout,
 from oodens.errors import OodensError
 from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
                                   filter_frame, load_scores, ood_tables, parse_metrics, quality_tables, render_latex,
-                                  render_markdown, render_rich, shift_tables, size_tables, stats_frame, stats_tables,
-                                  to_json)
+                                  plural, render_markdown, render_rich, shift_tables, size_tables, stats_frame,
+                                  stats_tables, to_json)
 from oodens.report.figures import view_probs, write_plots
-from oodens.results import VALUES, load_frame, tidy
-from oodens.runtime.paths import default_results_dir
+from oodens.results import VALUES, load_frame, superseded_runs, tidy
+from oodens.runtime.paths import default_results_dir, mode_set_name
 
 
 def report_cmd(
@@ -55,6 +55,8 @@ def report_cmd(
     bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for CIs of the member's "
                                   "metrics from --scores (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Also show runs of mode sets that were superseded (the "
+                                  "folder's modes changed since; by default only each folder's latest mode set)."),
     views: Optional[Path] = typer.Option(None, "--views", help="Exported views (the DIR of extract --export) for "
                                          "the reliability diagram (--plot).", show_default=False),
 ):
@@ -82,6 +84,14 @@ def report_cmd(
     expect_folder("--plot", plot)
     with warnings_to_stderr():  # a damaged run file: one warning line naming it, the others still report
         stored = load_frame(results_dir)
+    old = superseded_runs(stored)
+    if len(old) and not all_runs:
+        for r in old.itertuples():
+            stderr.print(f"note: {plural(r.runs, 'run')} of {mode_set_name(r.modes)} on {r.benchmark} with "
+                         f"{plural(r.n_members, 'mode')} (last {r.created[:16].replace('T', ' ')}) "
+                         f"{'is' if r.runs == 1 else 'are'} superseded by a later run of other modes; --all-runs "
+                         "shows them", highlight=False)
+        stored = stored[~stored["superseded"]].reset_index(drop=True)
     frame = filter_frame(stored, detector, strategy, modes, ood, where=str(results_dir))
     wanted_oods = names(ood) or None
     boot = None

@@ -8,6 +8,10 @@
 - :func:`mode_stats`: all of the above, plus spread (std, min, max), for every detector x OOD set; the Holm
   family is the independent (detector setting, OOD set) cells only: rows that average other rows (kind
   ``"average"``: near/far/average; ``"shift-average"``: C-s) are descriptive (uncorrected p, no p_holm).
+- :func:`beat_probability`: the probability that the ensemble beats a mode drawn at random (the share of
+  modes worse than the ensemble, ties counting half), from the per-mode values;
+- :func:`ensemble_gain`: the ensemble's gain over the modes' mean (positive = better), with a paired
+  t-interval over the independent OOD sets (each set pairs the ensemble's value with the modes' mean);
 - :func:`bootstrap_ci`: a seeded percentile bootstrap CI over samples for one member's metric,
   from its per-sample scores (ID and OOD resampled separately).
 
@@ -77,6 +81,38 @@ def ensemble_test(values, ensemble: float, metric: str) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
+def beat_probability(values, ensemble: float, metric: str) -> float:
+    """P(ensemble better than a mode drawn uniformly from ``values``): the share of modes whose value is worse
+    than the ensemble's, a tie counting half. NaN without modes."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0 or not np.isfinite(ensemble):
+        return math.nan
+    worse = x < ensemble if METRICS[metric].higher_is_better else x > ensemble
+    return float((np.count_nonzero(worse) + 0.5 * np.count_nonzero(x == ensemble)) / len(x))
+
+
+def gain(mean: float, ensemble: float, metric: str) -> float:
+    """The ensemble's improvement over the modes' mean in the metric's better direction (positive = better)."""
+    return (ensemble - mean) if METRICS[metric].higher_is_better else (mean - ensemble)
+
+
+def ensemble_gain(cells: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Per detector setting: the mean gain of the ensemble over the modes' mean across the independent OOD sets
+    of ``cells`` (:func:`mode_stats` rows with ``in_family`` and a semantic kind: near, far, semantic), its
+    paired t-interval over those sets (NaN for one set) and the mean over sets of :func:`beat_probability`."""
+    rows = []
+    sets = cells[cells["in_family"] & cells["kind"].isin(("near", "far", "semantic"))]
+    for setting, part in sets.groupby("setting", sort=False):
+        g = np.array([gain(r.mean, r.ensemble, r.metric) for r in part.itertuples()])
+        low, high = t_interval(g, level)
+        rows.append({"setting": setting, "detector": part["detector"].iloc[0], "strategy": part["strategy"].iloc[0],
+                     "metric": part["metric"].iloc[0], "n_sets": len(g), "oods": list(part["ood"]),
+                     "gain": float(g.mean()), "gain_low": low, "gain_high": high,
+                     "p_beat": float(part["p_beat"].mean())})
+    return pd.DataFrame(rows, columns=["setting", "detector", "strategy", "metric", "n_sets", "oods", "gain",
+                                       "gain_low", "gain_high", "p_beat"])
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm-adjusted p-values over one family of tests; NaN entries stay NaN and are not counted."""
     p = np.asarray(pvalues, dtype=np.float64)
@@ -90,7 +126,7 @@ def holm(pvalues) -> np.ndarray:
 def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: float = 0.05) -> pd.DataFrame:
     """Per detector setting x OOD set in ``frame`` (records of ONE mode set, benchmark and convention):
     the modes' mean, t-interval, std, min, max; the ensemble's value; the one-sided test of the ensemble
-    against the modes. The t-interval is on the logit scale for metrics bounded in [0, 1] (:func:`bounded`).
+    against the modes; ``p_beat``: :func:`beat_probability`. The t-interval is on the logit scale for metrics bounded in [0, 1] (:func:`bounded`).
     Holm's correction runs over the independent cells only: rows whose ``kind`` is an OOD set (near, far,
     semantic, shift); rows averaging others (kind ``"average"`` or ``"shift-average"``) keep their uncorrected
     ``p`` as a description, with ``p_holm`` NaN and ``ensemble_better`` False; ``in_family`` says which is which.
@@ -114,9 +150,9 @@ def mode_stats(frame: pd.DataFrame, metric: str, level: float = 0.95, alpha: flo
                      "mean": float(values.mean()),
                      "std": float(values.std(ddof=1)), "min": float(values.min()),
                      "max": float(values.max()), "ci_low": low, "ci_high": high, "ensemble": ens_value,
-                     "t": t, "p": p})
+                     "t": t, "p": p, "p_beat": beat_probability(values, ens_value, metric)})
     out = pd.DataFrame(rows, columns=["setting", "detector", "strategy", "ood", "kind", "metric", "n_modes", "mean",
-                                      "std", "min", "max", "ci_low", "ci_high", "ensemble", "t", "p"])
+                                      "std", "min", "max", "ci_low", "ci_high", "ensemble", "t", "p", "p_beat"])
     out["in_family"] = ~out["kind"].isin(DERIVED_KINDS)
     p_holm = np.full(len(out), np.nan)
     if out["in_family"].any():

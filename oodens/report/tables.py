@@ -31,7 +31,7 @@ from oodens.metrics import calibration as cal
 from oodens.metrics import stats
 from oodens.metrics.ood import METRICS, OOD_METRICS, QUALITY_METRICS
 from oodens.results import FAMILY
-from oodens.runtime.paths import safe_name
+from oodens.runtime.paths import mode_set_name, safe_name
 
 QUALITY = QUALITY_METRICS
 DEFAULT_METRICS = ("fpr95", "auroc")
@@ -43,6 +43,13 @@ CONVENTION = {
     "id": "ID positive: FPR95 = % of OOD accepted when 95% of ID is kept",
     "ood": "OOD positive (OpenOOD): FPR95 = % of ID rejected when 95% of OOD is caught",
 }
+#: the family keys of tables that do not depend on the metric convention (ID quality, accuracy under shift)
+MODE_SET = [k for k in FAMILY if k != "positive"]
+#: the convention in a title
+CONVENTION_TAG = {"id": "ID positive", "ood": "OOD positive"}
+#: OOD-set kinds that the average/near/far rows average
+SEMANTIC = ("near", "far", "semantic")
+AVERAGED = {"average": SEMANTIC, "near": ("near",), "far": ("far",)}
 #: the columns of eval's per-detector tables
 EVAL_COLUMNS = ("fpr95", "auroc", "aupr_in", "aupr_out", "id_accuracy")
 
@@ -134,13 +141,70 @@ class Table:
         return render_markdown(self)
 
 
+def family_title(info: dict, sub: pd.DataFrame) -> str:
+    """``digits · shipped (5 modes of cnn)``: the benchmark and the mode set by its short name and member count;
+    a superseded mode set (``--all-runs``) says so, with the date of its latest run."""
+    n = int(sub["n_members"].max())
+    title = f"{info['benchmark']} · {mode_set_name(info['modes'])} ({plural(n, 'mode')} of {sub['arch'].iloc[0]})"
+    if "superseded" in sub and sub["superseded"].any():
+        title += f", superseded run of {str(sub['created'].max())[:16].replace('T', ' ')}"
+    return title
+
+
 def families(frame: pd.DataFrame, keys=FAMILY):
-    """(title, {key: value}, sub-frame) per mode set x benchmark (x convention: ``keys``)."""
+    """(title, {key: value}, sub-frame) per benchmark x mode set (folder and checkpoints) x convention
+    (``keys``); the averaged rows (average/near/far) of each sub-frame are over the same OOD sets for every
+    row (:func:`align_averages`)."""
     for key, sub in frame.groupby(keys, sort=False):
         info = dict(zip(keys, key))
-        n = int(sub["n_members"].max())
-        title = f"{info['benchmark']} · {n} mode{'s' if n != 1 else ''} of {sub['arch'].iloc[0]} ({info['modes']})"
-        yield title, info, sub
+        yield family_title(info, sub), info, align_averages(sub)
+
+
+def averaged_sets(sub: pd.DataFrame) -> dict[str, list[str]]:
+    """The OOD sets each averaged row (average, near, far) of ``sub`` is the mean of: the semantic sets that every
+    detector setting of ``sub`` was evaluated on (all of them unless ``--ood`` changed between runs); a row
+    needs two sets, as in :mod:`oodens.ensemble.evaluate`."""
+    semantic = sub[sub["kind"].isin(SEMANTIC)]
+    if semantic.empty:
+        return {}
+    common = set.intersection(*semantic.groupby("setting")["ood"].agg(set))
+    kinds = semantic.drop_duplicates("ood").set_index("ood")["kind"]
+    have = set(sub["ood"])
+    out = {}
+    for row, members in AVERAGED.items():
+        sets = [o for o, k in kinds.items() if k in members and o in common]
+        if row in have and len(sets) > 1:
+            out[row] = sets
+    return out
+
+
+def align_averages(sub: pd.DataFrame) -> pd.DataFrame:
+    """When the settings of one table were evaluated on different OOD sets (``--ood`` changed between runs), an
+    average over each setting's own sets would compare different things: recompute average/near/far over the
+    sets every setting has (:func:`averaged_sets`; per record: members, ensemble, subset means; a subset std
+    cannot be recomputed from the per-set stds and becomes NaN, shown as —); a row left with fewer than two
+    sets becomes NaN."""
+    semantic = sub[sub["kind"].isin(SEMANTIC)]
+    if semantic.groupby("setting")["ood"].agg(frozenset).nunique() <= 1:
+        return sub
+    values = [m for m in METRICS if m in sub]
+    id_cols = ["setting", "role", "member", "k", "stat"]
+    rows = averaged_sets(sub)
+    out = sub.copy()
+    for row in AVERAGED:
+        at = out["ood"] == row
+        if not at.any():
+            continue
+        if row not in rows:
+            out.loc[at, values] = np.nan
+            continue
+        means = (semantic[semantic["ood"].isin(rows[row])].fillna({"stat": ""}).groupby(id_cols, dropna=False)[values]
+                 .mean())
+        for i in out.index[at]:
+            r = out.loc[i]
+            key = (r["setting"], r["role"], r["member"], r["k"], r["stat"] if isinstance(r["stat"], str) else "")
+            out.loc[i, values] = means.loc[key].to_numpy() if key in means.index and r["stat"] != "std" else np.nan
+    return out
 
 
 def _setting_order(sub: pd.DataFrame) -> list[str]:
@@ -193,9 +257,15 @@ def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]]) -> list[list
     return rows
 
 
-def _caption(positive: str) -> str:
+def averages_note(sub: pd.DataFrame) -> str:
+    """What the averaged columns average, for a caption: ``average = mean over a, b, c.``"""
+    parts = [f"{row} = mean over {', '.join(sets)}" for row, sets in averaged_sets(sub).items() if sets]
+    return ("; ".join(parts) + ". ") if parts else ""
+
+
+def _caption(positive: str, sub: pd.DataFrame) -> str:
     return (f"{CONVENTION[positive]}. Values in %; mean ± std over modes (sample std); ensemble (N): the N modes "
-            "combined with the detector's strategy.")
+            f"combined with the detector's strategy. {averages_note(sub)}").strip()
 
 
 def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
@@ -213,7 +283,7 @@ def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list
             for m in metrics:
                 rows = [[labels[s], *r] for s in settings for r in _member_rows(sub[sub["setting"] == s],
                                                                                  [(m, o) for o in cols])]
-                out.append(Table("ood", f"{LABELS[m]} {arrow(m)} · {title}", _caption(info["positive"]),
+                out.append(Table("ood", f"{LABELS[m]} {arrow(m)} ({CONVENTION_TAG[info['positive']]}) · {title}", _caption(info["positive"], sub),
                                  pd.DataFrame(rows, columns=["detector", "member", *cols]), 2))
         else:  # members as columns, metric x OOD set as rows
             pairs = [(m, o) for m in metrics for o in cols]
@@ -222,7 +292,7 @@ def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list
                 wide = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows]).T
                 wide.insert(0, "OOD set", cols * len(metrics))
                 wide.insert(0, "metric", [f"{LABELS[m]} {arrow(m)}" for m, _ in pairs])
-                out.append(Table("ood", f"{labels[s]} · {title}", _caption(info["positive"]),
+                out.append(Table("ood", f"{labels[s]} ({CONVENTION_TAG[info['positive']]}) · {title}", _caption(info["positive"], sub),
                                  wide.reset_index(drop=True), 2))
     return out
 
@@ -237,7 +307,8 @@ def stats_frame(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
             st = stats.mode_stats(sub, m, level=1 - alpha, alpha=alpha)
             parts.append(st.assign(**info))
     cols = FAMILY + ["setting", "detector", "strategy", "ood", "kind", "metric", "n_modes", "mean", "std", "min",
-                     "max", "ci_low", "ci_high", "ensemble", "t", "p", "in_family", "p_holm", "ensemble_better"]
+                     "max", "ci_low", "ci_high", "ensemble", "t", "p", "p_beat", "in_family", "p_holm",
+                     "ensemble_better"]
     return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
@@ -258,9 +329,9 @@ def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[li
             st = st.assign(_s=st["setting"].map(order), _o=st["ood"].map(cols)).sort_values(["_s", "_o"])
             rows = [[labels[r.setting], r.ood, fmt(r.mean, m), f"[{fmt(r.ci_low, m)}, {fmt(r.ci_high, m)}]",
                      fmt(r.std, m), f"{fmt(r.min, m)}–{fmt(r.max, m)}", fmt(r.ensemble, m),
-                     f"{100 * (r.ensemble - r.mean):+.1f}", fmt_p(r.p), fmt_p(r.p_holm),
+                     f"{100 * (r.ensemble - r.mean):+.1f}", f"{r.p_beat:.2f}", fmt_p(r.p), fmt_p(r.p_holm),
                      ("yes" if r.ensemble_better else "no") if r.in_family else "—"] for r in st.itertuples()]
-            head = ["detector", "OOD set", "modes", f"{level} CI", "std", "min–max", "ensemble", "Δ", "p",
+            head = ["detector", "OOD set", "modes", f"{level} CI", "std", "min–max", "ensemble", "Δ", "P(beat)", "p",
                     "p Holm", "better"]
             side = "higher" if METRICS[m].higher_is_better else "lower"
             n_family, derived = int(st["in_family"].sum()), list(dict.fromkeys(st.loc[~st["in_family"], "ood"]))
@@ -268,15 +339,44 @@ def stats_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[li
                         f"1 − {stats.LOGIT_EPS:g}]), back-transformed" if stats.bounded(m) else f"{level} t-interval")
             caption = (f"{CONVENTION[info['positive']]}. " + ("Values in %. " if m not in NOT_PERCENT else "")
                        + f"modes: mean over modes with its {interval}, sample std and range; Δ = ensemble − modes' "
-                       f"mean; p: one-sided one-sample t-test of the modes' values against the ensemble's (H1: "
+                       f"mean; P(beat): probability that the ensemble beats a mode drawn at random (share of modes "
+                       f"worse than the ensemble, ties half); p: one-sided one-sample t-test of the modes' values against the ensemble's (H1: "
                        f"ensemble better, {side} is better); p Holm: Holm-corrected over the {n_family} independent "
                        f"(detector, OOD set) test{'s' if n_family != 1 else ''} of this table; better: p Holm < "
                        f"{alpha:g}."
                        + (f" Rows {', '.join(derived)} average other rows: their p is descriptive, not a test "
                           "(no correction, —)." if derived else ""))
-            out.append(Table("stats", f"Ensemble vs modes: {LABELS[m]} {arrow(m)} · {title}", caption,
+            tag = CONVENTION_TAG[info["positive"]]
+            out.append(Table("stats", f"Ensemble vs modes: {LABELS[m]} {arrow(m)} ({tag}) · {title}", caption,
                              pd.DataFrame(rows, columns=head), 2))
+            gains = stats.ensemble_gain(st, level=1 - alpha)
+            if not gains.empty:
+                out.append(gain_table(gains, labels, m, level, f"{LABELS[m]} {arrow(m)} ({tag}) · {title}",
+                                      CONVENTION[info["positive"]]))
     return out
+
+
+def gain_table(gains: pd.DataFrame, labels: dict[str, str], metric: str, level: str, title: str,
+               convention: str) -> Table:
+    """Per detector setting: the ensemble's gain over the modes' mean across the OOD sets, its paired
+    t-interval over sets, and P(ensemble beats a random mode) averaged over sets."""
+    unit = " (points of %)" if metric not in NOT_PERCENT else ""
+    scale = 1 if metric in NOT_PERCENT else 100
+    digits = 3 if metric in NOT_PERCENT else 1
+
+    def num(x):
+        return "—" if not np.isfinite(x) else f"{scale * x:+.{digits}f}"
+
+    rows = [[labels[r.setting], str(r.n_sets), num(r.gain), f"[{num(r.gain_low)}, {num(r.gain_high)}]",
+             f"{r.p_beat:.2f}"] for r in gains.itertuples()]
+    sets = ", ".join(dict.fromkeys(o for r in gains.itertuples() for o in r.oods))
+    caption = (f"{convention}. Gain = ensemble's improvement over the modes' mean{unit}, positive = better, "
+               f"averaged over the OOD sets {sets}; {level} CI: paired t-interval over those sets (each set pairs the "
+               "ensemble with the modes' mean; — for one set); P(beat): mean over the sets of the probability that "
+               "the ensemble beats a mode drawn at random.")
+    return Table("stats", f"Ensemble gain over OOD sets: {title}", caption,
+                 pd.DataFrame(rows, columns=["detector", "OOD sets", "gain", f"{level} CI", "P(beat)"]), 1,
+                 sections=False)
 
 
 def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[list[str]]:
@@ -290,7 +390,7 @@ def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[lis
 def quality_tables(frame: pd.DataFrame) -> list[Table]:
     """ID quality and calibration per mode, mean ± std and ensemble: accuracy, NLL, Brier, ECE."""
     out = []
-    for title, info, sub in families(frame, FAMILY[:2]):
+    for title, info, sub in families(frame, MODE_SET):
         rows = _quality_rows(sub.assign(ood="ID test"), [(m, "ID test") for m in QUALITY])
         head = ["member"] + [LABELS[m] + ("" if m in NOT_PERCENT else " %") + f" {arrow(m)}" for m in QUALITY]
         caption = (f"ID test set of {info['benchmark']}. Accuracy and ECE in % (ECE: {cal.ECE_BINS} equal-width "
@@ -313,7 +413,7 @@ def _ensemble_note(sub: pd.DataFrame, quality: bool) -> str:
 def shift_tables(frame: pd.DataFrame) -> list[Table]:
     """Accuracy under covariate shift: the clean ID test, each corrupted set, and C-1..C-5 severity averages."""
     out = []
-    for title, info, sub in families(frame, FAMILY[:2]):
+    for title, info, sub in families(frame, MODE_SET):
         shift = sub[sub["kind"].isin(["shift", "shift-average"])]
         if shift.empty:
             continue
@@ -359,7 +459,8 @@ def size_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[lis
                     rows.append([labels[s], o, *cells])
             caption = (f"{CONVENTION[info['positive']]}. Values in %: mean ± std over the k-of-N subsets of the "
                        "modes (all of them, or a seeded sample; counts in the CSV as n_subsets; one subset: no std).")
-            out.append(Table("size", f"Ensemble size: {LABELS[m]} {arrow(m)} · {title}", caption,
+            tag = CONVENTION_TAG[info["positive"]]
+            out.append(Table("size", f"Ensemble size: {LABELS[m]} {arrow(m)} ({tag}) · {title}", caption,
                              pd.DataFrame(rows, columns=["detector", "OOD set", *[f"k={k}" for k in ks]]), 2))
     return out
 
@@ -391,7 +492,7 @@ def _eval_cells(row: pd.Series, columns, std: Optional[pd.Series] = None, n: int
     return [one(k) for k in columns]
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
@@ -418,7 +519,7 @@ def detector_tables(frame: pd.DataFrame) -> list[Table]:
                 elif r["role"] == "subsets" and r["stat"] == "mean":
                     sd = at[(at["role"] == "subsets") & (at["k"] == r["k"]) & (at["stat"] == "std")].iloc[0]
                     n = int(r["n_subsets"])
-                    rows.append([ood, f"k={int(r['k'])} ({_plural(n, 'subset')})", *_eval_cells(r, columns, sd, n)])
+                    rows.append([ood, f"k={int(r['k'])} ({plural(n, 'subset')})", *_eval_cells(r, columns, sd, n)])
         title = f"{first['detector']}{f' ({params})' if params else ''} · strategy {first['strategy']}"
         out.append(Table("eval", title, CONVENTION[first["positive"]] + "; values in %, std over modes",
                          pd.DataFrame(rows, columns=["OOD set", "member", *heads]), 2))
@@ -426,13 +527,13 @@ def detector_tables(frame: pd.DataFrame) -> list[Table]:
 
 
 def summary_table(frame: pd.DataFrame) -> Table:
-    """One row per detector x strategy on the OOD average (or the last OOD set when there is one):
-    the modes' mean ± std next to the ensemble, for FPR95, AUROC and AUPR-Out (``oodens eval --summary``)."""
+    """One row per detector x strategy on the OOD average (or the one semantic OOD set when there is one): the
+    modes' mean ± std next to the ensemble, for FPR95, AUROC and AUPR-Out, sorted by the ensemble's AUROC (best
+    first) so that the best detector leads however many run (``oodens eval --summary``)."""
     first = frame.iloc[0]
-    oods = list(dict.fromkeys(frame["ood"]))
-    target = "average" if "average" in oods else oods[-1]
-    sets = list(dict.fromkeys(frame.loc[~frame["kind"].isin(["average", "shift-average"]), "ood"]))
-    rows = []
+    semantic = list(dict.fromkeys(frame.loc[frame["kind"].isin(SEMANTIC), "ood"]))
+    target = "average" if "average" in set(frame["ood"]) else (semantic or list(dict.fromkeys(frame["ood"])))[-1]
+    rows, order = [], []
     for _, block in frame[frame["ood"] == target].groupby("setting", sort=False):
         by_role = {role: b.iloc[0] for role, b in block.groupby("role", sort=False)}
         cells = []
@@ -441,11 +542,14 @@ def summary_table(frame: pd.DataFrame) -> Table:
                     if "mean" in by_role else "—")
             cells += [mean, _pct2(by_role["ensemble"][k])]
         rows.append([block["detector"].iloc[0], block["strategy"].iloc[0], *cells])
-    title = f"summary · {target if target != 'average' else 'average over ' + ', '.join(sets)}"
+        order.append(-by_role["ensemble"]["auroc"])
+    rows = [r for _, r in sorted(zip(order, rows), key=lambda pair: pair[0])]
+    where = f"average over {', '.join(semantic)}" if target == "average" else target
+    title = f"summary · {where} ({CONVENTION_TAG[first['positive']]})"
     heads = ["detector", "strategy", "FPR95 modes", "FPR95 ens.", "AUROC modes", "AUROC ens.", "AUPR-Out modes",
              "AUPR-Out ens."]
-    return Table("summary", title, CONVENTION[first["positive"]] + "; values in %, mean ± std over modes",
-                 pd.DataFrame(rows, columns=heads), 2, sections=False)
+    return Table("summary", title, CONVENTION[first["positive"]] + "; values in %, mean ± std over modes; sorted by "
+                 "the ensemble's AUROC", pd.DataFrame(rows, columns=heads), 2, sections=False)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -480,7 +584,8 @@ def render_rich(table: Table):
 def render_markdown(table: Table) -> str:
     cells, _ = _blank_repeats(table)
     body = pd.DataFrame(cells, columns=table.frame.columns).to_markdown(
-        index=False, colalign=["left"] * table.labels + ["right"] * (table.frame.shape[1] - table.labels))
+        index=False, disable_numparse=True,  # the cells as formatted (tabulate would drop a gain's "+")
+        colalign=["left"] * table.labels + ["right"] * (table.frame.shape[1] - table.labels))
     return f"**{table.title}**\n\n{body}\n\n_{table.caption}_\n"
 
 

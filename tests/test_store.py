@@ -1,0 +1,199 @@
+"""The results store knows its runs: mode sets by checkpoint hashes (superseded runs left out, --all-runs
+shows them apart), tables whose averages cover the same OOD sets in every row, captions that name mode sets by
+their short name, and the ensemble's gain over OOD sets (paired interval, P(beat)) checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from cli_runner import run
+from oodens.metrics import stats
+from oodens.runtime.paths import mode_set_name, shipped_modes_dir
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("OODENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OODENS_RESULTS", str(tmp_path / "res"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def copy_modes(dest, names):
+    for name in names:
+        shutil.copytree(shipped_modes_dir() / name, dest / name)
+
+
+def markdown_tables(out: str) -> list[tuple[str, str]]:
+    """(title, body) of each Markdown table printed by report --markdown."""
+    parts = re.split(r"^\*\*(.+?)\*\*\s*$", out, flags=re.M)
+    return [(parts[i], parts[i + 1]) for i in range(1, len(parts) - 1, 2)]
+
+
+def test_a_changed_mode_set_supersedes_its_older_runs(env, capsys):
+    modes = env / "save" / "Digits" / "CNN"
+    copy_modes(modes, ["seed-1000", "seed-1100"])
+    assert run(["eval", "--modes", str(modes), "--detector", "msp", "--json"], capsys)[0] == 0
+    copy_modes(modes, ["seed-1200"])  # a mode added: the folder's mode set changed
+    assert run(["eval", "--modes", str(modes), "--detector", "msp", "--json"], capsys)[0] == 0
+
+    code, out, err = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95"], capsys)
+    assert code == 0, err
+    tables = markdown_tables(out)
+    assert len(tables) == 1
+    title, body = tables[0]
+    assert "save/Digits/CNN (3 modes of cnn)" in title and str(env) not in title  # relative to the working dir
+    assert "ensemble (3)" in body and "ensemble (2)" not in body
+    note = [line for line in err.splitlines() if "superseded" in line]
+    assert len(note) == 1 and "save/Digits/CNN" in note[0] and "2 modes" in note[0] and "--all-runs" in note[0]
+
+    code, out, err = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95", "--all-runs"], capsys)
+    assert code == 0, err
+    tables = markdown_tables(out)
+    assert len(tables) == 2  # never one caption over two mode sets
+    by_n = {("ensemble (2)" in body, "ensemble (3)" in body): title for title, body in tables}
+    assert set(by_n) == {(True, False), (False, True)}
+    assert "superseded" in by_n[(True, False)] and "2 modes" in by_n[(True, False)]
+    assert "superseded" not in by_n[(False, True)]
+
+    # the same folder re-evaluated with its original modes is current again: the latest run decides
+    shutil.rmtree(modes / "seed-1200")
+    assert run(["eval", "--modes", str(modes), "--detector", "msp", "--json"], capsys)[0] == 0
+    code, out, err = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95"], capsys)
+    (title, body), = markdown_tables(out)
+    assert "ensemble (2)" in body and "ensemble (3)" not in body and "2 modes" in title
+
+
+def test_two_mode_sets_are_two_tables_named_by_short_name(env, capsys):
+    a, b = env / "a", env / "b"
+    copy_modes(a, ["seed-1000", "seed-1100"])
+    copy_modes(b, ["seed-1200", "seed-1300", "seed-1400"])
+    for folder in (a, b):
+        assert run(["eval", "--modes", str(folder), "--detector", "energy", "--json"], capsys)[0] == 0
+    assert run(["eval", "--detector", "energy", "--json"], capsys)[0] == 0  # the shipped modes
+    code, out, err = run(["report", "--markdown", "--tables", "ood,id", "--metric", "auroc"], capsys)
+    assert code == 0 and "superseded" not in err
+    titles = [t for t, _ in markdown_tables(out)]
+    assert sum("· a (2 modes of cnn)" in t for t in titles) == 2
+    assert sum("· b (3 modes of cnn)" in t for t in titles) == 2
+    assert sum("· shipped (5 modes of cnn)" in t for t in titles) == 2
+    assert "site-packages" not in out and str(shipped_modes_dir()) not in out
+    assert all("(ID positive)" in t for t in titles if t.startswith("AUROC"))
+
+
+def test_mode_set_name(tmp_path):
+    assert mode_set_name(shipped_modes_dir()) == "shipped"
+    assert mode_set_name(tmp_path / "save" / "X", cwd=tmp_path) == "save/X"
+    assert mode_set_name(tmp_path, cwd=tmp_path) == "."
+    assert mode_set_name("/", cwd=tmp_path) == "/"  # neither below the working nor the home folder: absolute
+
+
+def test_sets_missing_from_some_rows_show_a_dash_and_averages_cover_the_same_sets(env, capsys):
+    common = ["--results", str(env / "res"), "--json"]
+    assert run(["eval", "--detector", "energy", "--ood", "digits-6789,letters,noise", *common], capsys)[0] == 0
+    assert run(["eval", "--detector", "msp", "--ood", "digits-6789,letters", *common], capsys)[0] == 0
+    records = [{**json.loads(f.read_text())["settings"], **r} for f in (env / "res" / "runs").glob("*.json")
+               for r in json.loads(f.read_text())["records"]]
+
+    code, out, err = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95"], capsys)
+    assert code == 0, err
+    (title, body), = markdown_tables(out)
+    assert "(ID positive)" in title
+    assert "average = mean over digits-6789, letters" in body and "noise" not in body.split("average = ")[1]
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    col = {name: i for i, name in enumerate(head)}
+    detector = ""
+    for r in rows:
+        detector = r[0] or detector
+        member = r[1]
+        if member.startswith("seed-") or member.startswith("ensemble"):
+            role = "member" if member.startswith("seed-") else "ensemble"
+            mine = [x for x in records if x["detector"] == detector.split(" · ")[0] and x["role"] == role
+                    and (role == "ensemble" or x["member"] == member)]
+            by_set = {x["ood"]: x["fpr95"] for x in mine}
+            # the average over the sets every row has, whatever each run averaged itself
+            assert r[col["average"]] == f"{100 * np.mean([by_set['digits-6789'], by_set['letters']]):.1f}"
+            if detector.startswith("msp"):
+                assert r[col["noise"]] == "—"
+            else:
+                assert r[col["noise"]] == f"{100 * by_set['noise']:.1f}"
+    assert any(r[0].startswith("msp") for r in rows) and any(r[0].startswith("energy") for r in rows)
+
+
+def test_summary_title_lists_exactly_the_averaged_sets(env, capsys):
+    code, out, err = run(["eval", "--detector", "msp,energy,maxlogit", "--corruptions", "contrast:1,jpeg:5",
+                          "--summary"], capsys)
+    assert code == 0, err
+    title = [line for line in out.splitlines() if "summary" in line][0]
+    assert "average over digits-6789, letters, noise" in title and "contrast" not in title and "jpeg" not in title
+    # sorted by the ensemble's AUROC, best first
+    rows = [line for line in out.splitlines() if re.match(r"\s*(msp|energy|maxlogit)\s", line)]
+    ens_auroc = [float(line.split()[-5]) for line in rows]  # ... AUROC ens., AUPR-Out mean ± std, AUPR-Out ens.
+    assert len(rows) == 3 and ens_auroc == sorted(ens_auroc, reverse=True)
+
+
+# --------------------------------------------------------------------------- gain and P(beat) by hand
+
+def test_beat_probability_by_brute_force():
+    modes = [0.20, 0.10, 0.15, 0.10, 0.30]
+    for ens in (0.05, 0.10, 0.12, 0.31):
+        worse = sum(1.0 if m > ens else 0.5 if m == ens else 0.0 for m in modes)  # fpr95: lower is better
+        assert stats.beat_probability(modes, ens, "fpr95") == worse / len(modes)
+        better = sum(1.0 if m < ens else 0.5 if m == ens else 0.0 for m in modes)  # auroc: higher is better
+        assert stats.beat_probability(modes, ens, "auroc") == better / len(modes)
+    assert math.isnan(stats.beat_probability([], 0.1, "auroc"))
+
+
+def test_ensemble_gain_is_a_paired_t_interval_over_sets():
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    sets = ["a", "b", "c", "d"]
+    rows, gains, beats = [], [], []
+    for o in sets:
+        modes = rng.uniform(0.1, 0.4, 5)
+        ens = float(modes.mean() - rng.uniform(0.0, 0.1))
+        gains.append(modes.mean() - ens)  # fpr95: lower is better, so gain = mean - ensemble
+        beats.append(np.mean(modes > ens))
+        rows.append({"setting": "s", "detector": "knn", "strategy": "concat", "ood": o, "kind": "semantic",
+                     "metric": "fpr95", "mean": modes.mean(), "ensemble": ens, "in_family": True,
+                     "p_beat": stats.beat_probability(modes, ens, "fpr95")})
+    rows.append({**rows[0], "ood": "average", "kind": "average", "in_family": False})  # derived: not a set
+    got = stats.ensemble_gain(pd.DataFrame(rows)).iloc[0]
+    g = np.array(gains)
+    half = sps.t.ppf(0.975, len(g) - 1) * g.std(ddof=1) / math.sqrt(len(g))
+    assert got["n_sets"] == 4 and got["oods"] == sets
+    assert got["gain"] == pytest.approx(g.mean(), abs=1e-12)
+    assert (got["gain_low"], got["gain_high"]) == pytest.approx((g.mean() - half, g.mean() + half), abs=1e-12)
+    assert got["p_beat"] == pytest.approx(np.mean(beats), abs=1e-12)
+
+
+def test_report_prints_the_gain_table(env, capsys):
+    modes = env / "m"
+    copy_modes(modes, ["seed-1000", "seed-1100", "seed-1200"])
+    assert run(["eval", "--modes", str(modes), "--detector", "energy", "--json"], capsys)[0] == 0
+    records = [r for f in (env / "res" / "runs").glob("*.json") for r in json.loads(f.read_text())["records"]]
+    code, out, err = run(["report", "--markdown", "--tables", "stats", "--metric", "auroc"], capsys)
+    assert code == 0, err
+    (title, body), = [(t, b) for t, b in markdown_tables(out) if t.startswith("Ensemble gain")]
+    sets = ["digits-6789", "letters", "noise"]
+    g = []
+    for o in sets:
+        modes_v = [r["auroc"] for r in records if r["ood"] == o and r["role"] == "member"]
+        ens = [r["auroc"] for r in records if r["ood"] == o and r["role"] == "ensemble"][0]
+        g.append(100 * (ens - np.mean(modes_v)))
+    row = [line for line in body.splitlines() if line.startswith("| energy")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "3" and cells[2] == f"{np.mean(g):+.1f}"
+    low, high = sps.t.interval(0.95, 2, loc=np.mean(g), scale=np.std(g, ddof=1) / math.sqrt(3))
+    assert cells[3] == f"[{low:+.1f}, {high:+.1f}]"
+    assert "AUROC ↑ (ID positive)" in title
