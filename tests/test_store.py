@@ -197,3 +197,29 @@ def test_report_prints_the_gain_table(env, capsys):
     low, high = sps.t.interval(0.95, 2, loc=np.mean(g), scale=np.std(g, ddof=1) / math.sqrt(3))
     assert cells[3] == f"[{low:+.1f}, {high:+.1f}]"
     assert "AUROC ↑ (ID positive)" in title
+
+
+def test_strategy_table_puts_each_strategy_beside_the_modes(env, capsys):
+    strategies = ["mean-logits", "mean-probs", "mean-scores"]
+    for s in strategies:
+        assert run(["eval", "--detector", "msp", "--strategy", s, "--json"], capsys)[0] == 0
+    assert run(["eval", "--detector", "energy", "--json"], capsys)[0] == 0  # one strategy: a row with dashes
+    records = [r for f in (env / "res" / "runs").glob("*.json") for r in json.loads(f.read_text())["records"]]
+    code, out, err = run(["report", "--markdown", "--tables", "strategy", "--metric", "auroc"], capsys)
+    assert code == 0, err
+    (title, body), = markdown_tables(out)
+    assert title.startswith("Ensemble strategies: AUROC ↑ (ID positive) · digits · shipped (5 modes")
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head == ["detector", "modes", *strategies]
+    cells = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    ens = {r["strategy"]: r["auroc"] for r in records if r["detector"] == "msp" and r["role"] == "ensemble"
+           and r["ood"] == "average"}
+    best = max(ens.values())
+    for i, s in enumerate(strategies):
+        text = f"{100 * ens[s]:.1f}"
+        assert cells["msp"][2 + i] == (f"**{text}**" if ens[s] == best else text)
+    members = [r["auroc"] for r in records if r["detector"] == "msp" and r["role"] == "member"
+               and r["ood"] == "average" and r["strategy"] == "mean-logits"]
+    assert cells["msp"][1] == f"{100 * np.mean(members):.1f} ± {100 * np.std(members, ddof=1):.1f}"
+    assert cells["energy"][3:] == ["—", "—"]

@@ -13,7 +13,7 @@ from oodens.errors import OodensError
 from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
                                   filter_frame, load_scores, ood_tables, parse_metrics, quality_tables, render_latex,
                                   plural, render_markdown, render_rich, shift_tables, size_tables, stats_frame,
-                                  stats_tables, to_json)
+                                  stats_tables, strategy_tables, to_json)
 from oodens.report.figures import view_probs, write_plots
 from oodens.results import VALUES, load_frame, superseded_runs, tidy
 from oodens.runtime.paths import default_results_dir, mode_set_name
@@ -107,6 +107,8 @@ def report_cmd(
         built += ood_tables(frame, table_metrics, wanted_oods, group_by)
     if "stats" in kinds:
         built += stats_tables(frame, table_metrics, wanted_oods, alpha)
+    if "strategy" in kinds:
+        built += strategy_tables(frame, table_metrics, wanted_oods)
     if "id" in kinds:
         built += quality_tables(frame)
     if "shift" in kinds:

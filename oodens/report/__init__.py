@@ -4,10 +4,10 @@
 from oodens.report.tables import (DEFAULT_METRICS, GROUP_BY, TABLES, Table, bootstrap_frame, bootstrap_table,
                                   detector_tables, filter_frame, ood_tables, parse_metrics, quality_tables,
                                   render_latex, render_markdown, render_rich, shift_tables, size_tables,
-                                  stats_frame, stats_tables, summary_table, to_json)
+                                  stats_frame, stats_tables, strategy_tables, summary_table, to_json)
 from oodens.report.figures import view_probs, write_plots
 
 __all__ = ["DEFAULT_METRICS", "GROUP_BY", "TABLES", "Table", "bootstrap_frame", "bootstrap_table",
            "detector_tables", "filter_frame", "ood_tables", "parse_metrics", "quality_tables", "render_latex",
            "render_markdown", "render_rich", "shift_tables", "size_tables", "stats_frame", "stats_tables",
-           "summary_table", "to_json", "view_probs", "write_plots"]
+           "strategy_tables", "summary_table", "to_json", "view_probs", "write_plots"]

@@ -13,7 +13,9 @@ Tables, one set per mode set x benchmark x metric convention:
   independent (detector, OOD set) cells; near/far/average rows are descriptive (oodens.metrics.stats);
 - ``id``: ID accuracy, NLL, Brier, ECE per mode, mean ± std, ensemble;
 - ``shift``: accuracy on covariate-shift sets (each corruption and the C-1..C-5 severity averages);
-- ``size``: metric against the number of modes k (mean ± std over k-of-N subsets).
+- ``size``: metric against the number of modes k (mean ± std over k-of-N subsets);
+- ``strategy``: detector x ensemble strategy on the OOD average (``eval --strategy all``): which fusion suits
+  which detector, beside the modes' mean.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ QUALITY = QUALITY_METRICS
 DEFAULT_METRICS = ("fpr95", "auroc")
 LABELS = {name: m.label for name, m in METRICS.items()}
 NOT_PERCENT = {name for name, m in METRICS.items() if not m.percent}
-TABLES = ("ood", "stats", "id", "shift", "size")
+TABLES = ("ood", "stats", "strategy", "id", "shift", "size")
 GROUP_BY = ("metric", "detector")
 CONVENTION = {
     "id": "ID positive: FPR95 = % of OOD accepted when 95% of ID is kept",
@@ -133,6 +135,8 @@ class Table:
     labels: int = 1
     #: rule between blocks of rows sharing the first label (when ``labels`` > 1)
     sections: bool = True
+    #: cells to emphasise, as (row position, column name): bold in every rendering
+    bold: frozenset = frozenset()
 
     def __str__(self) -> str:
         return render_markdown(self)
@@ -379,6 +383,50 @@ def gain_table(gains: pd.DataFrame, labels: dict[str, str], metric: str, level: 
                  sections=False)
 
 
+def strategy_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None) -> list[Table]:
+    """Per metric: rows = detector (same hyperparameters), columns = the modes' mean ± std and the ensemble under
+    each strategy stored, on the average OOD row (else the one semantic set); the best strategy of each row in
+    bold (Markdown ``**``). Only for mode sets where some detector was evaluated under several strategies."""
+    out = []
+    for title, info, sub in families(frame):
+        ens = sub[sub["role"] == "ensemble"]
+        if ens.empty or ens.groupby(["detector", "params", "fit_fraction"])["strategy"].nunique().max() < 2:
+            continue
+        target = "average" if "average" in set(sub["ood"]) else (ood_columns(sub, oods) or [None])[-1]
+        if target is None:
+            continue
+        strategies = list(dict.fromkeys(ens["strategy"]))
+        order = {name: i for i, name in enumerate(_setting_order(sub))}
+        for m in metrics:
+            better = max if METRICS[m].higher_is_better else min
+            rows, bold = [], set()
+            groups = ens[ens["ood"] == target].groupby(["detector", "params", "fit_fraction"], sort=False)
+            for (det, params, _), block in sorted(groups, key=lambda g: min(order[s] for s in g[1]["setting"])):
+                values = dict(zip(block["strategy"], block[m]))
+                members = sub[(sub["role"] == "member") & (sub["ood"] == target) & (sub["detector"] == det)
+                              & (sub["params"] == params)]
+                mean = fmt_mean_std(members.drop_duplicates("member")[m], m) if len(members) else "—"
+                finite = [v for v in values.values() if np.isfinite(v)]
+                best = better(finite) if finite else None
+                cells = [fmt(values[s], m) if s in values else "—" for s in strategies]
+                bold |= {(len(rows), s) for s in strategies
+                         if s in values and len(finite) > 1 and values[s] == best}
+                several = ens.loc[ens["detector"] == det, "params"].nunique() > 1
+                label = det + (f" ({', '.join(f'{k}={v}' for k, v in json.loads(params).items())})"
+                               if several and params != "{}" else "")
+                rows.append([label, mean, *cells])
+            where = f"average over {', '.join(averaged_sets(sub).get('average', []))}" if target == "average" \
+                else target
+            caption = (f"{CONVENTION[info['positive']]}. Values in % on the {where}; modes: mean ± std over modes "
+                       "(the same whatever the strategy); one column per ensemble strategy, the best in bold; — where "
+                       "a strategy does not apply or was not run.")
+            out.append(Table("strategy", f"Ensemble strategies: {LABELS[m]} {arrow(m)} "
+                             f"({CONVENTION_TAG[info['positive']]}) · {title}", caption,
+                             pd.DataFrame(rows, columns=["detector", "modes", *strategies]), 1, sections=False,
+                             bold=frozenset(bold)))
+    return out
+
+
 def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[list[str]]:
     """Rows (modes, mean ± std, ensemble) of per-member quantities that do not depend on the detector:
     ``columns`` = (metric, ood) pairs; the first record of each member and OOD set is used."""
@@ -573,7 +621,7 @@ def render_rich(table: Table):
     for i, col in enumerate(table.frame.columns):
         out.add_column(str(col), justify="left" if i < table.labels else "right")
     cells, ends = _blank_repeats(table)
-    for row, end in zip(cells, ends):
+    for row, end in zip(_emphasised(table, cells, "[bold]{}[/]", escape_markup), ends):
         label = row[table.labels - 1]
         style = ("bold" if label.startswith("ensemble") else "italic" if label.startswith("mean")
                  else "dim" if label.startswith("k=") else None)
@@ -581,9 +629,22 @@ def render_rich(table: Table):
     return out
 
 
+def _emphasised(table: Table, cells: list[list[str]], pattern: str, escape=lambda c: c) -> list[list[str]]:
+    """``cells`` escaped for the output format, with ``table.bold`` cells wrapped in ``pattern``."""
+    where = {(i, list(table.frame.columns).index(col)) for i, col in table.bold}
+    return [[pattern.format(escape(c)) if (i, j) in where else escape(c) for j, c in enumerate(row)]
+            for i, row in enumerate(cells)]
+
+
+def escape_markup(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def render_markdown(table: Table) -> str:
     cells, _ = _blank_repeats(table)
-    body = pd.DataFrame(cells, columns=table.frame.columns).to_markdown(
+    body = pd.DataFrame(_emphasised(table, cells, "**{}**"), columns=table.frame.columns).to_markdown(
         index=False, disable_numparse=True,  # the cells as formatted (tabulate would drop a gain's "+")
         colalign=["left"] * table.labels + ["right"] * (table.frame.shape[1] - table.labels))
     return f"**{table.title}**\n\n{body}\n\n_{table.caption}_\n"
@@ -607,8 +668,8 @@ def render_latex(table: Table) -> str:
     lines = [r"\begin{table}[htbp]", r"\centering", rf"\caption{{{tex(table.title)}. {tex(table.caption)}}}",
              rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(tex(c) for c in table.frame.columns) + r" \\", r"\midrule"]
-    for i, (row, end) in enumerate(zip(cells, ends)):
-        lines.append(" & ".join(tex(c) for c in row) + r" \\")
+    for i, (row, end) in enumerate(zip(_emphasised(table, cells, r"\textbf{{{}}}", tex), ends)):
+        lines.append(" & ".join(row) + r" \\")
         if end and table.labels > 1 and i < len(cells) - 1:
             lines.append(r"\midrule")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
