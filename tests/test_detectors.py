@@ -199,6 +199,32 @@ def test_mahalanobis_duplicated_column():
     np.testing.assert_allclose(det.score(Views(features=query)), ref_mahalanobis(train, labels, query), rtol=1e-6)
 
 
+def test_mahalanobis_pinv_cut_at_float32_resolution():
+    # an affine copy of a feature, rounded to float32 (3.1 x + 1000: float32 spacing ~6e-5 there), leaves the
+    # covariance an eigenvalue of pure rounding noise, ~2e-12 x the largest. numpy's pinv cut (1e-15 x the
+    # largest) keeps it and weights the queries' rounding noise by ~1e11; the float32 cut (largest x D x eps32)
+    # drops it and gives the score of the non-degenerate reduced problem (Mahalanobis is affine-invariant, so
+    # the exact copy adds nothing)
+    rng = np.random.default_rng(27)
+    n, D, C = 300, 6, 3
+    labels = rng.integers(0, C, n)
+    base = (rng.normal(size=(n, D)) + labels[:, None] * 0.7).astype(np.float32)
+    qbase = (rng.normal(size=(40, D)) * 2.0).astype(np.float32)
+
+    def with_copy(b):
+        return np.concatenate([b, (b[:, :1].astype(np.float64) * 3.1 + 1000.0).astype(np.float32)], axis=1)
+
+    train, query = with_copy(base), with_copy(qbase)
+    reduced = ref_mahalanobis(base, labels, qbase)
+    old_cut = ref_mahalanobis(train, labels, query)  # np.linalg.pinv's default rcond = 1e-15
+    assert np.abs(old_cut - reduced).max() > 0.5
+    got = make("mahalanobis").fit(Views(features=train, labels=labels)).score(Views(features=query))
+    np.testing.assert_allclose(got, reduced, rtol=1e-5, atol=1e-5 * np.abs(reduced).max())
+    rmds = make("rmds").fit(Views(features=train, labels=labels)).score(Views(features=query))
+    rmds_reduced = make("rmds").fit(Views(features=base, labels=labels)).score(Views(features=qbase))
+    np.testing.assert_allclose(rmds, rmds_reduced, rtol=1e-5, atol=1e-5 * np.abs(rmds_reduced).max())
+
+
 def test_mahalanobis_more_dims_than_samples():
     rng = np.random.default_rng(23)
     n, D = 20, 35

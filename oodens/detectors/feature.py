@@ -5,7 +5,8 @@ L2-normalised for knn) and fit on the concatenated ID training features.
 Both fit and score in blocks of ``CHUNK`` rows, so memory beyond the (memory-mapped)
 features stays bounded: knn holds the normalised float32 bank once (n x D x 4 bytes),
 mahalanobis holds class means and one D x r whitening matrix (its fit peaks at about
-two D x D float64 matrices).
+two D x D float64 matrices), rmds one more mean and whitening matrix. The shared pieces
+(:func:`class_means`, :func:`scatter`, :func:`pinv_factor`) serve other Gaussian detectors too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,70 @@ class KNN(FeatureDetector):
         return out
 
 
+def class_means(feats: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """The (n_classes, D) float64 means of the rows of ``feats`` by class index ``idx`` (0..n_classes-1),
+    summed in blocks of CHUNK rows (bounded memory)."""
+    sums = np.zeros((n_classes, feats.shape[1]))
+    for s in range(0, len(feats), CHUNK):
+        np.add.at(sums, idx[s : s + CHUNK], np.asarray(feats[s : s + CHUNK], dtype=np.float64))
+    return sums / np.bincount(idx, minlength=n_classes)[:, None]
+
+
+def mean_feature(feats: np.ndarray) -> np.ndarray:
+    """The (D,) float64 mean row of ``feats``, summed in blocks of CHUNK rows."""
+    total = np.zeros(feats.shape[1])
+    for s in range(0, len(feats), CHUNK):
+        total += np.asarray(feats[s : s + CHUNK], dtype=np.float64).sum(axis=0)
+    return total / len(feats)
+
+
+def scatter(feats: np.ndarray, means: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """The (D, D) float64 covariance ``(1/n) sum_i (h_i - m_i)(h_i - m_i)^T`` (divided by n), m_i = ``means[idx[i]]``
+    (class-centred) or ``means`` itself when ``idx`` is None (one centre), accumulated in blocks of CHUNK rows."""
+    out = np.zeros((feats.shape[1], feats.shape[1]))
+    for s in range(0, len(feats), CHUNK):
+        centre = means if idx is None else means[idx[s : s + CHUNK]]
+        centred = np.asarray(feats[s : s + CHUNK], dtype=np.float64) - centre
+        out += centred.T @ centred
+    return out / len(feats)
+
+
+def pinv_factor(cov: np.ndarray) -> np.ndarray:
+    """W (D, r) with ``W W^T`` = the pseudo-inverse of the covariance ``cov`` (overwritten), cut at float32 resolution.
+
+    W = V_r diag(lambda_r^-1/2) over the eigenvalues lambda > lambda_max * D * finfo(float32).eps: the features are
+    float32, so directions whose variance is below what float32 rounding of the features alone produces (relative
+    eps ~ 1.2e-7 per entry, summed over D entries) hold rounding noise, not signal; numpy's pinv cut (1e-15 x the
+    largest) would keep them and weight that noise by up to 1e15 on near-degenerate covariances (a feature that is
+    a rounded copy or combination of others). Negative eigenvalues are round-off of a PSD matrix. The eigensolver
+    overwrites ``cov``: this peaks at about two D x D matrices.
+    """
+    import scipy.linalg
+
+    d = cov.shape[0]
+    lam, vec = scipy.linalg.eigh(cov, overwrite_a=True, driver="evd", check_finite=False)
+    keep = lam > max(lam.max(), 0.0) * d * np.finfo(np.float32).eps
+    vec *= 1.0 / np.sqrt(np.where(keep, lam, 1.0))
+    return vec if keep.all() else np.ascontiguousarray(vec[:, keep])
+
+
+def labelled_classes(det: Detector, train: Views, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, idx)``: the distinct labels of the ID training views and each sample's index into them;
+    raises OodensError unless there is one label >= 0 per training sample."""
+    y = np.asarray(det._array(train, "labels"))
+    if y.shape != (n,):
+        raise OodensError(f"{det.name} needs one label per ID training sample: got labels of shape {y.shape} "
+                          f"for {n} features")
+    if (y < 0).any():
+        raise OodensError(f"{det.name} needs labelled ID training features (labels >= 0)")
+    classes, idx = np.unique(y, return_inverse=True)
+    return classes, idx
+
+
+def sq_norms(x: np.ndarray) -> np.ndarray:
+    return np.einsum("nr,nr->n", x, x)
+
+
 @register_detector
 @dataclass
 class Mahalanobis(FeatureDetector):
@@ -124,6 +189,10 @@ class Mahalanobis(FeatureDetector):
     Lee et al., "A Simple Unified Framework for Detecting Out-of-Distribution Samples
     and Adversarial Attacks", NeurIPS 2018 (penultimate layer, no input preprocessing).
 
+    The pseudo-inverse keeps the eigenvalues of S above lambda_max * D * finfo(float32).eps (float32
+    resolution: the features are float32; see :func:`pinv_factor`), not numpy's 1e-15 x lambda_max,
+    which weights float32 rounding noise by up to 1e15 on near-degenerate covariances.
+
     Learned by ``fit``: ``classes_`` (the labels seen), ``means_`` (C, D) the class means,
     ``whiten_`` (D, r) with S^+ = whiten_ whiten_^T, ``n_features_in_``.
     """
@@ -131,46 +200,60 @@ class Mahalanobis(FeatureDetector):
     name = "mahalanobis"
 
     def fit(self, train: Views) -> "Mahalanobis":
-        import scipy.linalg
-
         feats = self._fit_features(train)
-        y = np.asarray(self._array(train, "labels"))
-        if y.shape != (len(feats),):
-            raise OodensError(f"mahalanobis needs one label per ID training sample: got labels of shape {y.shape} "
-                              f"for {len(feats)} features")
-        if (y < 0).any():
-            raise OodensError("mahalanobis needs labelled ID training features (labels >= 0)")
-        classes, idx, counts = np.unique(y, return_inverse=True, return_counts=True)
-        d = feats.shape[1]
-        sums = np.zeros((len(classes), d))
-        for s in range(0, len(feats), CHUNK):  # two passes over the features in blocks: bounded memory
-            np.add.at(sums, idx[s : s + CHUNK], np.asarray(feats[s : s + CHUNK], dtype=np.float64))
-        means = sums / counts[:, None]
-        scatter = np.zeros((d, d))
-        for s in range(0, len(feats), CHUNK):
-            centred = np.asarray(feats[s : s + CHUNK], dtype=np.float64) - means[idx[s : s + CHUNK]]
-            scatter += centred.T @ centred
-        scatter /= len(feats)
-        # S^+ = W W^T with W = V_r diag(lambda_r^-1/2) over the eigenvalues above the pseudo-inverse
-        # cutoff (numpy's pinv rule, 1e-15 x the largest; negative ones are round-off of a PSD
-        # matrix). The eigensolver overwrites S: the fit peaks at about two D x D matrices.
-        lam, vec = scipy.linalg.eigh(scatter, overwrite_a=True, driver="evd", check_finite=False)
-        del scatter
-        keep = lam > 1e-15 * max(lam.max(), 0.0)
-        vec *= 1.0 / np.sqrt(np.where(keep, lam, 1.0))
+        classes, idx = labelled_classes(self, train, len(feats))
+        means = class_means(feats, idx, len(classes))  # two passes over the features in blocks: bounded memory
         self.classes_, self.means_ = classes, means
-        self.whiten_ = vec if keep.all() else np.ascontiguousarray(vec[:, keep])
-        self.n_features_in_ = d
+        self.whiten_ = pinv_factor(scatter(feats, means, idx))
+        self.n_features_in_ = feats.shape[1]
         return self
 
-    def score(self, views: Views) -> np.ndarray:
-        """(h - mu_c)^T S^+ (h - mu_c) = |h W - mu_c W|^2, in blocks of queries."""
-        feats = self._score_features(views)
+    def class_distances(self, h: np.ndarray) -> np.ndarray:
+        """(n, C) squared distances (h - mu_c)^T S^+ (h - mu_c) = |h W - mu_c W|^2 of a block of float64 features."""
         mw = self.means_ @ self.whiten_  # (C, r)
-        mw2 = np.einsum("cr,cr->c", mw, mw)
+        hw = h @ self.whiten_
+        return sq_norms(hw)[:, None] - 2.0 * hw @ mw.T + sq_norms(mw)[None, :]
+
+    def score_block(self, h: np.ndarray) -> np.ndarray:
+        return -self.class_distances(h).min(axis=1)
+
+    def score(self, views: Views) -> np.ndarray:
+        """The score of each block of CHUNK queries (float64)."""
+        feats = self._score_features(views)
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
-            hw = np.asarray(feats[s : s + CHUNK], dtype=np.float64) @ self.whiten_
-            d = np.einsum("nr,nr->n", hw, hw)[:, None] - 2.0 * hw @ mw.T + mw2[None, :]
-            out[s : s + CHUNK] = -d.min(axis=1)
+            out[s : s + CHUNK] = self.score_block(np.asarray(feats[s : s + CHUNK], dtype=np.float64))
         return out
+
+
+@register_detector
+@dataclass
+class RMDS(Mahalanobis):
+    """Relative Mahalanobis distance: ``-min_c [MD_c(h) - MD_0(h)]``, MD_c the Mahalanobis distance
+    to class c (class means and shared class-centred covariance, exactly as ``mahalanobis``), MD_0 the
+    distance to a single Gaussian fitted on all ID-train features (their global mean and covariance,
+    divided by n). Equivalently ``MD_0(h) - min_c MD_c(h)``. No hyperparameters.
+
+    Ren et al., "A Simple Fix to Mahalanobis Distance for Improving Near-OOD Detection",
+    arXiv:2106.09022 (ICML 2021 UDL workshop), 2021. OpenOOD v1.5's ``rmds`` is the same formula.
+    Both pseudo-inverses are cut at float32 resolution (see :func:`pinv_factor`).
+
+    Ensemble strategies as mahalanobis (``concat`` default, ``mean-features``, ``mean-scores``): it fits
+    on features and labels only, so it refits on the combined features.
+
+    Learned by ``fit``: as mahalanobis, plus ``mean0_`` (D,) the global mean and ``whiten0_`` (D, r0)
+    with Sigma_0^+ = whiten0_ whiten0_^T.
+    """
+
+    name = "rmds"
+
+    def fit(self, train: Views) -> "RMDS":
+        super().fit(train)
+        feats = self._matrix(train, "features")
+        self.mean0_ = mean_feature(feats)
+        self.whiten0_ = pinv_factor(scatter(feats, self.mean0_))
+        return self
+
+    def score_block(self, h: np.ndarray) -> np.ndarray:
+        md0 = sq_norms((h - self.mean0_) @ self.whiten0_)
+        return md0 - self.class_distances(h).min(axis=1)
