@@ -17,9 +17,12 @@ from oodens.detectors.base import (DETECTORS, Detector, check_is_fitted, get_det
 from oodens.detectors import logit, feature, shaping, gradient, subspace, disagreement  # noqa: F401,I001  (registers, in table order)
 from oodens.detectors import confidence, geometry, temperature, layers  # noqa: F401,I001
 from oodens.detectors.logit import MSP, ODIN, Energy, Entropy, MaxLogit, RankFeat
-from oodens.detectors.feature import KNN, Mahalanobis
-from oodens.detectors.shaping import ASH, DICE, ReAct
+from oodens.detectors.feature import KNN, RMDS, Mahalanobis
+from oodens.detectors.geometry import FDBD, NCI, NECO, SHE, NNGuide, Relation, Residual
+from oodens.detectors.shaping import ASH, ASHB, ASHP, DICE, VRA, ReAct, ReActDICE, Scale
+from oodens.detectors.confidence import GEN, KLMatching, OpenMax
 from oodens.detectors.gradient import GradNorm
+from oodens.detectors.temperature import TempScaledMSP
 from oodens.detectors.subspace import ViM
 from oodens.detectors.disagreement import ELOC, MI, PDS
 from oodens.errors import NotFittedError, ParameterError
@@ -30,4 +33,7 @@ __all__ = [
     # the detectors, in registry order
     "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "RankFeat", "KNN", "Mahalanobis", "DICE", "ReAct", "ASH",
     "GradNorm", "ViM", "PDS", "MI", "ELOC",
+    "ReActDICE", "VRA", "ASHP", "ASHB", "Scale", "GEN", "KLMatching", "OpenMax",
+    "RMDS", "Residual", "NECO", "NCI", "FDBD", "SHE", "NNGuide", "Relation",
+    "TempScaledMSP",
 ]
