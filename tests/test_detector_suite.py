@@ -226,7 +226,7 @@ def test_odin_detector_score_is_max_softmax_over_T(digits_preset, letters_pixels
     det = DETECTORS["odin"](temperature=1000, eps=0.0014)
     spec = det.view_specs()[0]
     assert spec.kind == "odin"
-    assert dict(spec.params) == {"temperature": 1000.0, "eps": 0.0014}
+    assert dict(spec.params) == {"temperature": 1000.0, "eps": 0.0014, "eps_space": "normalized"}
     model = _shipped("seed-1000", 0)
     logits = odin_view(model, digits_preset.normalize(letters_pixels), digits_preset,
                        temperature=1000.0, eps=0.0014)["logits"].numpy()
@@ -539,14 +539,14 @@ def test_eloc_loop_with_members_of_different_widths(T):
             p = softmax_row(z[i], T)
             total += max(p) - entropy_row(p)
         ref.append(total)
-    got = DETECTORS["eloc"](temperature=T).score_ensemble([Views(logits=z) for z in zs])
+    got = DETECTORS["eloc"](temperature=T, eps=0.0).score_ensemble([Views(logits=z) for z in zs])
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
 def test_eloc_default_temperature_is_1000():
     zs = _member_logits(10, [5, 5])
     ref = [sum(max(p) - entropy_row(p) for p in (softmax_row(z[i], 1000.0) for z in zs)) for i in range(len(zs[0]))]
-    np.testing.assert_allclose(DETECTORS["eloc"]().score_ensemble([Views(logits=z) for z in zs]), ref,
+    np.testing.assert_allclose(DETECTORS["eloc"](eps=0.0).score_ensemble([Views(logits=z) for z in zs]), ref,
                                rtol=1e-9, atol=1e-12)
 
 

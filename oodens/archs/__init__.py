@@ -8,7 +8,9 @@ Extraction calls the first two, so logits and features always agree. For RankFea
 an architecture also names its last two stages: ``rankfeat_stages(x) -> (second-to-last
 stage map, last stage map)``, ``last_stage(map)`` and ``logits_from_last_stage(map)``.
 Convolutional networks get all of these from ``stages.StagedNetwork`` by naming
-``to_second_stage``, ``last_stage``, ``pool`` and ``classifier``.
+``to_second_stage``, ``last_stage``, ``pool`` and ``classifier``. Every architecture lists
+``feature_layers`` (``stages.Layer``: a submodule whose output is a stage map), the layers of the
+multi-layer views (``layers``, ``gram``), captured by forward hooks in the same forward pass.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Three stages on 8x8 single-channel inputs (8x8 -> 4x4 -> 2x2), global average
 pooling to a 128-d penultimate feature, and a linear head. Trains in seconds on a CPU.
+Layers of the multi-layer views: the three stage outputs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from oodens.archs.registry import register_arch
-from oodens.archs.stages import StagedNetwork
+from oodens.archs.stages import StagedNetwork, stage_layers
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -19,6 +20,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 class DigitsCNN(StagedNetwork, nn.Module):
     feature_dim = 128
+    feature_layers = stage_layers("layer1", "layer2", "layer3")
 
     def __init__(self, num_classes: int, in_channels: int = 1):
         super().__init__()

@@ -19,6 +19,9 @@ RankFeat stages, following the reference codes' ``intermediate_forward``:
 - DN121: second = output of ``transition3``; last = ``norm5(denseblock4(second))`` (the
   mode-ensemble code's block-4 map: BN included, ReLU not); head = ``relu -> pool ->
   classifier`` (its ``forward_head``).
+
+Layers of the multi-layer views (the end of each dense stage): DNBC100 ``trans1``, ``trans2``,
+``relu(bn1(.))``; DN121 ``transition1`` to ``transition3`` and ``relu(norm5(.))``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs.registry import register_arch
-from oodens.archs.stages import StagedNetwork
+from oodens.archs.stages import StagedNetwork, stage_layers
 
 
 class Bottleneck(nn.Module):
@@ -76,6 +79,8 @@ class DenseBlock(nn.Module):
 
 class DenseNetBC(StagedNetwork, nn.Module):
     """DenseNet-BC for 32x32 inputs (DICE's ``DenseNet3`` with ``bottleneck=True``)."""
+
+    feature_layers = stage_layers("trans1", "trans2", "bn1", last_relu=True)
 
     def __init__(self, depth: int, num_classes: int, growth: int = 12, reduction: float = 0.5,
                  drop_rate: float = 0.0, in_channels: int = 3):
@@ -127,6 +132,9 @@ def dnbc100(num_classes: int) -> nn.Module:
 class _TorchvisionDenseNetInterface(StagedNetwork):
     """oodens' interface on top of ``torchvision.models.DenseNet`` (keys unchanged;
     torchvision's own ``classifier`` attribute is the head)."""
+
+    feature_layers = stage_layers("features.transition1", "features.transition2", "features.transition3",
+                                  "features.norm5", last_relu=True)
 
     def pool(self, a: torch.Tensor) -> torch.Tensor:
         return torch.flatten(F.adaptive_avg_pool2d(F.relu(a), 1), 1)

@@ -13,6 +13,8 @@ features ``avgpool`` -> 2048. torchvision is imported only when an R50 is built.
 RankFeat stages (both): the output of ``layer3`` (second to last) and of ``layer4``
 (last); ``last_stage = layer4``; ``logits_from_last_stage`` = pool -> head. This is the
 ``intermediate_forward(x, 3/4)`` / ``layer4`` / ``forward_head`` of the reference code.
+
+Layers of the multi-layer views (both): the outputs of ``layer1`` to ``layer4``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs.registry import register_arch
-from oodens.archs.stages import StagedNetwork
+from oodens.archs.stages import StagedNetwork, stage_layers
 
 
 class BasicBlock(nn.Module):
@@ -53,6 +55,8 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(StagedNetwork, nn.Module):
     """ResNet for 32x32 inputs (3x3 stem, no max-pool); ``linear`` head."""
+
+    feature_layers = stage_layers("layer1", "layer2", "layer3", "layer4")
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -92,6 +96,8 @@ def r18(num_classes: int) -> nn.Module:
 
 class _TorchvisionResNetInterface(StagedNetwork):
     """oodens' interface on top of ``torchvision.models.ResNet`` (keys unchanged)."""
+
+    feature_layers = stage_layers("layer1", "layer2", "layer3", "layer4")
 
     @property
     def classifier(self) -> nn.Linear:

@@ -22,6 +22,9 @@ N = 197 tokens, CLS included) so that rank-1 removal acts on the D x N token mat
 ``last_stage(map)`` runs the last block on such a map and returns the same layout;
 ``logits_from_last_stage(map)`` = ``head(norm(tokens)[:, 0])``. Hence
 ``logits_from_last_stage(last_stage(second)) == logits_from_last_stage(last) == forward(x)``.
+
+Layers of the multi-layer views: the token matrix after each of the 14 blocks, seen as a D x N map
+(pooling averages the N = 197 tokens, CLS included).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs.registry import register_arch
+from oodens.archs.stages import Layer
 
 
 def sinusoid_encoding(n_position: int, d_hid: int) -> torch.Tensor:
@@ -165,6 +169,7 @@ class T2TViT(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
+        self.feature_layers = tuple(Layer(f"blocks.{i}", tokens=True) for i in range(depth))
         # the reference's init: truncated normal (std .02) for the CLS token and Linear weights
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():

@@ -13,6 +13,8 @@ RankFeat stages: ``layer2``'s output (second to last) and ``relu(bn1(layer3(.)))
 ``intermediate_forward(x, 4)`` does, and ``logits_from_last_stage`` is then
 ``avg_pool2d 8 -> linear`` (the reference's ``forward_head``); so
 ``logits_from_last_stage(last_stage(second)) == forward(x)``.
+
+Layers of the multi-layer views: ``layer1``, ``layer2`` and ``relu(bn1(layer3(.)))``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from oodens.archs.registry import register_arch
-from oodens.archs.stages import StagedNetwork
+from oodens.archs.stages import StagedNetwork, stage_layers
 
 
 class WideBasic(nn.Module):
@@ -45,6 +47,8 @@ class WideBasic(nn.Module):
 
 
 class WideResNet(StagedNetwork, nn.Module):
+    feature_layers = stage_layers("layer1", "layer2", "bn1", last_relu=True)
+
     def __init__(self, depth: int, widen_factor: int, dropout_rate: float, num_classes: int, in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6:

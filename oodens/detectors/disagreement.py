@@ -8,7 +8,7 @@ import numpy as np
 from scipy.special import softmax
 
 from oodens.detectors.base import Detector, param, register_detector
-from oodens.detectors.logit import entropy
+from oodens.detectors.logit import check_eps_space, entropy, odin_spec
 from oodens.errors import OodensError
 from oodens.views.types import Views
 
@@ -25,12 +25,16 @@ class EnsembleDetector(Detector):
         raise OodensError(f"{self.name} is defined on an ensemble, not on one member's views: call "
                           f"score_ensemble([views of member 1, views of member 2, ...])")
 
+    def member_logits(self, views: Views) -> np.ndarray:
+        """The logits this detector reads for one member (default: the cached logits)."""
+        return self._matrix(views, "logits")
+
     def member_arrays(self, members: list[Views]) -> list[np.ndarray]:
         """Each member's logits (float64), checked: at least one member, the same samples in each."""
         self.validate()
         if isinstance(members, Views) or not len(members):
             raise OodensError(f"{self.name} scores an ensemble: expected a non-empty list of the members' Views")
-        zs = [np.asarray(self._matrix(v, "logits"), dtype=np.float64) for v in members]
+        zs = [np.asarray(self.member_logits(v), dtype=np.float64) for v in members]
         if len({len(z) for z in zs}) > 1:
             raise OodensError(f"{self.name}: the members' views hold different numbers of samples "
                               f"({', '.join(str(len(z)) for z in zs)}): expected the same samples for every member")
@@ -81,21 +85,40 @@ class MI(EnsembleDetector):
 @register_detector
 @dataclass
 class ELOC(EnsembleDetector):
-    """ELOC: ``sum_k [max p_k - H(p_k)]``, p_k = softmax(z_k / T) over the classes that
-    leave-out member k kept.
+    """ELOC: ``sum_k [max p_k - H(p_k)]``, p_k = softmax(z_k(x_hat_k) / T) over the classes that
+    leave-out member k kept, x_hat_k = x - eps * sign(grad_x CE(z_k(x)/T, argmax z_k(x))) the ODIN
+    perturbation of member k from its own gradient on its own kept classes (a zero gradient counted as +1).
 
     Vyas et al., "Out-of-Distribution Detection Using an Ensemble of Self Supervised
-    Leave-out Classifiers", ECCV 2018. T = 1000. Needs leave-out members (their
+    Leave-out Classifiers", ECCV 2018. T = 1000, eps = 0.002 in pixel space (ELOC's code: eps/std on
+    the normalised input; its per-setting table uses 0.001-0.003). ``eps = 0`` scores the members'
+    plain logits (the unperturbed variant: no extra view). Needs leave-out members (their
     ``oodens.json`` lists ``kept_classes``).
     """
 
     name = "eloc"
     classwise_ensemble = False  # each member's own softmax: different kept classes are what it is made for
     temperature: float = param(1000.0, "ELOC temperature T")
+    eps: float = param(0.002, "ODIN input perturbation of each member (0 = the plain logits)")
+    eps_space: str = param("pixel", "where eps is added: 'pixel' ([0, 1] pixels, ELOC's code) or 'normalized' "
+                                    "(the normalised input)")
 
     def validate(self):
         self._check_positive("temperature")
+        self._check_nonnegative("eps")
+        check_eps_space(self)
         return self
+
+    def view_specs(self):
+        return [odin_spec(self.temperature, self.eps, self.eps_space)] if self.eps > 0 else []
+
+    def member_logits(self, views):
+        if self.eps == 0:
+            return super().member_logits(views)
+        z = np.asarray(self._extra(views, self.view_specs()[0]))
+        if z.ndim != 2:
+            raise OodensError(f"eloc expects perturbed logits of shape (n, classes), got shape {z.shape}")
+        return z
 
     @classmethod
     def applies_to(cls, members):

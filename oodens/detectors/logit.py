@@ -14,12 +14,23 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, param, register_detector
-from oodens.views.types import Views, ViewSpec
+from oodens.views.types import ODIN_EPS_SPACES, Views, ViewSpec
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
     """Shannon entropy (nats) of each row of probabilities, with 0 log 0 = 0."""
     return -np.sum(p * np.log(np.where(p > 0, p, 1.0)), axis=1)
+
+
+def odin_spec(temperature: float, eps: float, eps_space: str) -> ViewSpec:
+    """The ``odin`` view: logits of the perturbed input (:func:`oodens.views.kinds.odin_view`)."""
+    return ViewSpec.of("odin", temperature=float(temperature), eps=float(eps), eps_space=str(eps_space))
+
+
+def check_eps_space(det: Detector) -> None:
+    """``det.eps_space`` is one of :data:`~oodens.views.types.ODIN_EPS_SPACES`."""
+    if det.eps_space not in ODIN_EPS_SPACES:
+        raise det._param_error("eps_space", f"is not a perturbation space: expected {' or '.join(ODIN_EPS_SPACES)}")
 
 
 @dataclass
@@ -117,24 +128,30 @@ class Entropy(LogitDetector):
 @dataclass
 class ODIN(LogitDetector):
     """ODIN: ``max_c softmax(z(x_hat) / T)_c`` with
-    ``x_hat = x - eps * sign(grad_x CE(z(x)/T, argmax z(x)))`` (pixel space).
+    ``x_hat = x - eps * sign(grad_x CE(z(x)/T, argmax z(x)))``, a zero gradient counted as +1.
 
     Liang et al., "Enhancing the Reliability of Out-of-distribution Image Detection in
-    Neural Networks", ICLR 2018. T = 1000, eps = 0.0014 (0 for ImageNet). The perturbed
+    Neural Networks", ICLR 2018. T = 1000, eps = 0.0014 (0 for ImageNet). ``eps_space``:
+    ``normalized`` (default) adds eps to the normalised input, as the mode-ensemble paper's,
+    DICE's and pytorch-ood's code do; ``pixel`` adds it in [0, 1] pixel units (eps/std on the
+    normalised input, 4-5x larger on CIFAR), as ODIN's original code and OpenOOD do. The perturbed
     logits are a view computed at extraction, each member with its own input gradient.
     """
 
     name = "odin"
     temperature: float = param(1000.0, "ODIN temperature T")
-    eps: float = param(0.0014, "ODIN input perturbation (pixel scale; 0 = temperature scaling only)")
+    eps: float = param(0.0014, "ODIN input perturbation (0 = temperature scaling only)")
+    eps_space: str = param("normalized", "where eps is added: 'normalized' (the normalised input: the "
+                                         "mode-ensemble paper, DICE) or 'pixel' ([0, 1] pixels: ODIN, OpenOOD)")
 
     def validate(self):
         self._check_positive("temperature")
         self._check_nonnegative("eps")
+        check_eps_space(self)
         return self
 
     def view_specs(self):
-        return [ViewSpec.of("odin", temperature=float(self.temperature), eps=float(self.eps))]
+        return [odin_spec(self.temperature, self.eps, self.eps_space)]
 
     def member_logits(self, views):
         self.validate()

@@ -3,12 +3,14 @@
 A view is what a detector reads: ``logits`` (n, C), ``features`` (n, D, the
 penultimate layer after pooling) and ``labels`` (n,) of one mode on one dataset
 split (the ``base`` view), plus views that need the network and the images with
-parameters of their own (``odin[T,eps]`` and ``rankfeat[...]`` logits, see
-:mod:`oodens.views.extract`), and the mode's final layer (``head``: weight, bias). Views
-are computed once per mode, dataset and parameters, and cached on disk:
+parameters of their own (``odin[T,eps,eps_space]`` and ``rankfeat[...]`` logits; ``layers`` and
+``gram[orders]``, one array ``layerNN.npy`` per feature layer; see :mod:`oodens.views.kinds`), and
+the mode's final layer (``head``: weight, bias). Views are computed once per mode, dataset and
+parameters, and cached on disk:
 
     <cache>/views/v<FORMAT>/<checkpoint sha256[:16]>/<dataset>-<split>-<kind>-<key[:16]>/
-        logits.npy  features.npy  labels.npy  meta.json
+        logits.npy  features.npy  labels.npy  meta.json          (base)
+        layer00.npy  layer01.npy ...  meta.json                  (layers, gram)
     <cache>/views/v<FORMAT>/<checkpoint sha256[:16]>/<dataset>-<split>-<kind>-<key[:16]>.lock
 
 The key is the sha256 of (cache format, checkpoint sha256, the model the checkpoint is read as:

@@ -1,11 +1,13 @@
-"""Extraction: the only place a network runs. One pass per mode, dataset split and view kind.
+"""Extraction: the only place a network runs. One pass over the data per mode and dataset split.
 
-For each mode, every (split, view kind) that has no complete view in the cache is
-computed with the network loaded once, batch by batch, into memory-mapped arrays
-(memory does not grow with the dataset beyond the views themselves). Intact cached views
-are never touched; a damaged one (see :meth:`oodens.views.cache.ViewCache.problem`) is reported
-in one warning line and recomputed. Each view is computed under its lock, so concurrent runs
-compute it once. The mode's final layer (``head``: weight, bias) is cached too.
+For each mode, every (split, view) that has no complete view in the cache is computed with the
+network loaded once: all the views a split lacks in one loop over its batches, into memory-mapped
+arrays (memory does not grow with the dataset beyond the views themselves). Per batch the clean
+forward pass runs once and serves the base, layers and gram views (:mod:`oodens.views.kinds`);
+odin and rankfeat add their own passes. Intact cached views are never touched; a damaged one (see
+:meth:`oodens.views.cache.ViewCache.problem`) is reported in one warning line and recomputed. Views
+are computed under their locks, so concurrent runs compute each once. The mode's final layer
+(``head``: weight, bias) is cached too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from oodens.runtime.paths import safe_name
 from oodens.runtime.progress import progress_bar
 from oodens.version import __version__
 from oodens.views.cache import Problem, ViewCache, ViewWriter
-from oodens.views.kinds import VIEW_KINDS
+from oodens.views.kinds import VIEW_KINDS, clean_forward
 from oodens.views.types import BASE, HEAD, Views, ViewSpec
 
 Split = tuple[str, str]  # (dataset name, split)
@@ -86,25 +88,31 @@ class Extraction:
         return self.views[mode][(source.name, source.split)]
 
 
-def _compute_into(model, source: DataSource, spec: ViewSpec, writer, preset, batch_size: int, device, on_batch,
-                  workers: int = 0, precision: str = "fp32", channels_last: bool = False):
-    fn = VIEW_KINDS[spec.kind]
-    params = dict(spec.params)
+def _compute_into(model, source: DataSource, writers: dict[ViewSpec, ViewWriter], preset, batch_size: int, device,
+                  on_batch, workers: int = 0, precision: str = "fp32", channels_last: bool = False):
+    """Every view of ``writers`` in one loop over ``source``; per batch the clean forward pass runs once
+    (when a shared kind is asked for) and every shared kind reads it."""
+    kinds = {spec: VIEW_KINDS[spec.kind] for spec in writers}
+    shared = any(k.shared for k in kinds.values())
+    maps = any(k.maps for k in kinds.values())
     n = len(source)
-    out: dict[str, np.ndarray] = {}
-    labels = writer.allocate("labels", (n,), np.int64) if spec == BASE else None
+    out: dict[tuple[ViewSpec, str], np.ndarray] = {}
+    labels = writers[BASE].allocate("labels", (n,), np.int64) if BASE in writers else None
     start = 0
     for x, y in source.loader(preset, batch_size, workers):
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            arrays = fn(model, x, preset, **params)
         stop = start + len(y)
-        for name, t in arrays.items():
-            if name not in out:
-                out[name] = writer.allocate(name, (n, *t.shape[1:]), np.float32)
-            out[name][start:stop] = t.detach().float().cpu().numpy()
+        with _autocast(device, precision):
+            fwd = clean_forward(model, x, maps) if shared else None
+            for spec, kind in kinds.items():
+                params = dict(spec.params)
+                arrays = kind.fn(fwd, **params) if kind.shared else kind.fn(model, x, preset, **params)
+                for name, t in arrays.items():
+                    if (spec, name) not in out:
+                        out[spec, name] = writers[spec].allocate(name, (n, *t.shape[1:]), np.float32)
+                    out[spec, name][start:stop] = t.detach().float().cpu().numpy()
         if labels is not None:
             labels[start:stop] = y.numpy()
         start = stop
@@ -142,7 +150,8 @@ def extract(
     """Make sure every (mode, source, view spec) and every mode's head is cached; return them (memory-mapped).
 
     ``specs`` defaults to the base view only; the base view is always included. Sources in
-    ``base_only`` (the ID-train split, which detectors only fit on) get the base view only.
+    ``base_only`` (the ID-train split, which detectors only fit on) get the base view and the views
+    detectors fit on (``layers``, ``gram``: :attr:`~oodens.views.kinds.ViewKind.fit`) only.
     ``precision`` (fp32, bf16, fp16) autocasts the forward passes, and is part of the cache key;
     ``channels_last`` and ``compile`` (torch.compile) only change speed.
     """
@@ -153,26 +162,31 @@ def extract(
         else DistContext()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     result = Extraction()
+    fit_specs = [s for s in specs if s == BASE or VIEW_KINDS[s.kind].fit]
     paths: dict[str, dict[tuple[Split, ViewSpec], Path]] = {}
     head_paths: dict[str, Path] = {}
-    todo: dict[str, list[tuple[DataSource, ViewSpec, Path]]] = {}
+    #: per mode, the passes to run: (source, the views it lacks: [(spec, path)])
+    todo: dict[str, list[tuple[DataSource, list[tuple[ViewSpec, Path]]]]] = {}
     need_head: set[str] = set()
     for mode in modes:
         preset = get_preset(mode.preset)
         paths[mode.name] = {}
         for src in sources:
-            for spec in [BASE] if any(src is b for b in base_only) else specs:
+            missing = []
+            for spec in fit_specs if any(src is b for b in base_only) else specs:
                 path = cache.path(mode.sha256, src.identity(), preset.identity(), spec, precision,
                                   model=model_identity(mode))
                 paths[mode.name][((src.name, src.split), spec)] = path
                 if ViewCache.problem(path) is None:
                     result.cached += 1
                 else:  # missing or unusable: decided again under the view's lock
-                    todo.setdefault(mode.name, []).append((src, spec, path))
+                    missing.append((spec, path))
+            if missing:
+                todo.setdefault(mode.name, []).append((src, missing))
         head_paths[mode.name] = cache.path(mode.sha256, HEAD_SOURCE, {}, HEAD, model=model_identity(mode))
         if ViewCache.problem(head_paths[mode.name]) is not None:
             need_head.add(mode.name)
-    total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _, _ in jobs)
+    total_batches = sum(-(-len(src) // batch_size) for jobs in todo.values() for src, _ in jobs)
     barrier(ctx)  # every rank has decided what is missing before anything is written
     with progress_bar(disable=not ctx.is_main) as bar:
         task = bar.add_task("extracting", total=total_batches, info="", unit="batches", rate_unit="images",
@@ -196,31 +210,38 @@ def extract(
                             _report(mode, "head", problem)
                             cache.discard(head)
                         _write_head(model, head, _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
-            for src, spec, path in jobs:
-                cache.clean_stale(path.parent)
-                bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {spec.id}")
-                meta = _meta(mode, src.identity(), preset, spec, precision)
-                compute = partial(_compute_into, model, spec=spec, preset=preset, batch_size=batch_size,
+            for src, views in jobs:
+                cache.clean_stale(views[0][1].parent)
+                bar.update(task, info=f"{mode.name} / {src.name}-{src.split} / {', '.join(s.id for s, _ in views)}")
+                metas = {spec: _meta(mode, src.identity(), preset, spec, precision) for spec, _ in views}
+                compute = partial(_compute_into, model, preset=preset, batch_size=batch_size,
                                   device=dev, workers=workers, precision=precision, channels_last=channels_last)
                 if ctx.enabled:  # torchrun: the ranks of one job share the pass; rank 0 publishes
-                    problem = ViewCache.problem(path)
-                    if ctx.is_main and problem is not None and not problem.missing:
-                        _report(mode, _what(src.name, src.split, spec), problem)  # replaced on commit
-                    _sharded(compute, src, path, meta, cache, batch_size, ctx, lambda: bar.advance(task))
-                    result.computed += 1
+                    for spec, path in views:
+                        problem = ViewCache.problem(path)
+                        if ctx.is_main and problem is not None and not problem.missing:
+                            _report(mode, _what(src.name, src.split, spec), problem)  # replaced on commit
+                    _sharded(compute, src, views, metas, cache, batch_size, ctx, lambda: bar.advance(task))
+                    result.computed += len(views)
                     continue
-                with cache.lock(path):
-                    problem = ViewCache.problem(path)
-                    if problem is None:  # another process computed it while this one waited for the lock
-                        result.cached += 1
+                with contextlib.ExitStack() as stack:
+                    for _, path in sorted(views, key=lambda v: str(v[1])):  # one lock order: no deadlock
+                        stack.enter_context(cache.lock(path))
+                    writers = {}
+                    for spec, path in views:
+                        problem = ViewCache.problem(path)
+                        if problem is None:  # another process computed it while this one waited for the lock
+                            result.cached += 1
+                            continue
+                        if not problem.missing:
+                            _report(mode, _what(src.name, src.split, spec), problem)
+                            cache.discard(path)
+                        writers[spec] = stack.enter_context(_writing(cache.writer(path, metas[spec])))
+                    if not writers:
                         bar.advance(task, -(-len(src) // batch_size))
                         continue
-                    if not problem.missing:
-                        _report(mode, _what(src.name, src.split, spec), problem)
-                        cache.discard(path)
-                    with _writing(cache.writer(path, meta)) as writer:
-                        compute(source=src, writer=writer, on_batch=lambda: bar.advance(task))
-                result.computed += 1
+                    compute(source=src, writers=writers, on_batch=lambda: bar.advance(task))
+                    result.computed += len(writers)
             del model
     barrier(ctx)
     for mode in modes:
@@ -229,7 +250,7 @@ def extract(
         for src in sources:
             split = (src.name, src.split)
             base = ViewCache.read(paths[mode.name][(split, BASE)])
-            extra = {s.id: ViewCache.read(paths[mode.name][(split, s)])["logits"]
+            extra = {s.id: _extra_view(ViewCache.read(paths[mode.name][(split, s)]))
                      for s in specs if s != BASE and (split, s) in paths[mode.name]}
             result.views[mode.name][split] = Views(
                 logits=base["logits"], features=base["features"], labels=base["labels"],
@@ -239,31 +260,41 @@ def extract(
     return result
 
 
-def _sharded(compute, src: DataSource, path: Path, meta: dict, cache: ViewCache, batch_size: int, ctx, on_batch):
+def _extra_view(arrays: dict[str, np.ndarray]):
+    """How a cached view other than the base view appears in :attr:`Views.extra`: its logits array (odin,
+    rankfeat), or all its arrays (layers, gram)."""
+    return arrays["logits"] if set(arrays) == {"logits"} else arrays
+
+
+def _sharded(compute, src: DataSource, views: list[tuple[ViewSpec, Path]], metas: dict[ViewSpec, dict],
+             cache: ViewCache, batch_size: int, ctx, on_batch):
     """Under torchrun: each rank computes a contiguous run of whole batches (so every batch is the
-    one a single process would run) into a shard folder; rank 0 joins the shards into the view."""
+    one a single process would run) into a shard folder per view; rank 0 joins the shards into the views."""
     n = len(src)
     n_batches = -(-n // batch_size)
     lo, hi = (n_batches * ctx.rank // ctx.world_size, n_batches * (ctx.rank + 1) // ctx.world_size)
-    shards = path.parent / f".shards-{path.name}"
-    mine = shards / f"rank-{ctx.rank:05d}"
-    if not ViewCache.is_complete(mine):
-        with _writing(ViewWriter(mine, {"rank": ctx.rank})) as writer:
-            compute(source=IndexSource(src, np.arange(lo * batch_size, min(hi * batch_size, n))), writer=writer,
+    shards = {spec: path.parent / f".shards-{path.name}" for spec, path in views}
+    mine = {spec: folder / f"rank-{ctx.rank:05d}" for spec, folder in shards.items()}
+    with contextlib.ExitStack() as stack:
+        writers = {spec: stack.enter_context(_writing(ViewWriter(folder, {"rank": ctx.rank})))
+                   for spec, folder in mine.items() if not ViewCache.is_complete(folder)}
+        if writers:
+            compute(source=IndexSource(src, np.arange(lo * batch_size, min(hi * batch_size, n))), writers=writers,
                     on_batch=on_batch)
     barrier(ctx)
     if ctx.is_main:
-        parts = [ViewCache.read(shards / f"rank-{r:05d}") for r in range(ctx.world_size)]
-        # a rank without a batch (more ranks than batches) wrote empty or no arrays
-        parts = [p for p in parts if p and min(len(a) for a in p.values()) > 0]
-        with _writing(cache.writer(path, meta)) as writer:
-            for name in parts[0]:
-                full = writer.allocate(name, (n, *parts[0][name].shape[1:]), parts[0][name].dtype)
-                start = 0
-                for p in parts:
-                    full[start : start + len(p[name])] = p[name]
-                    start += len(p[name])
-        shutil.rmtree(shards, ignore_errors=True)
+        for spec, path in views:
+            parts = [ViewCache.read(shards[spec] / f"rank-{r:05d}") for r in range(ctx.world_size)]
+            # a rank without a batch (more ranks than batches) wrote empty or no arrays
+            parts = [p for p in parts if p and min(len(a) for a in p.values()) > 0]
+            with _writing(cache.writer(path, metas[spec])) as writer:
+                for name in parts[0]:
+                    full = writer.allocate(name, (n, *parts[0][name].shape[1:]), parts[0][name].dtype)
+                    start = 0
+                    for p in parts:
+                        full[start : start + len(p[name])] = p[name]
+                        start += len(p[name])
+            shutil.rmtree(shards[spec], ignore_errors=True)
     barrier(ctx)
 
 
@@ -275,6 +306,11 @@ class _compiled(torch.nn.Module):
         self.model = model
         self.forward_features = torch.compile(model.forward_features)
         self.forward = torch.compile(model.forward)
+
+    @property
+    def eager(self) -> torch.nn.Module:
+        """The uncompiled network (forward hooks on its modules capture the multi-layer views' maps)."""
+        return self.model
 
     @property
     def classifier(self):

@@ -13,7 +13,7 @@ class ViewSpec:
     """A view kind with its parameters, e.g. ``ViewSpec("odin", (("eps", 0.0014), ("temperature", 1000.0)))``."""
 
     kind: str
-    params: tuple[tuple[str, float | int], ...] = ()
+    params: tuple[tuple[str, float | int | str], ...] = ()
 
     @classmethod
     def of(cls, kind: str, **params) -> "ViewSpec":
@@ -31,13 +31,19 @@ class ViewSpec:
 BASE = ViewSpec("base")
 HEAD = ViewSpec("head")
 
+#: where ODIN adds eps * sign(gradient): to the normalised input the network sees, or in [0, 1] pixel
+#: units (eps / std per channel on the normalised input). See :func:`oodens.views.kinds.odin_view`.
+ODIN_EPS_SPACES = ("normalized", "pixel")
+
 
 @dataclass
 class Views:
     """The arrays of one mode (or one combined ensemble) on one dataset split.
 
     ``weight``/``bias`` are the mode's final linear layer (the same for every split);
-    ``extra`` holds the logits of parametrised views by :attr:`ViewSpec.id`; ``classes`` is set for
+    ``extra`` holds the other views by :attr:`ViewSpec.id`: the logits array of a logits view (``odin``,
+    ``rankfeat``), or ``{array name: array}`` of a view with several arrays (``layers``, ``gram``: one
+    array per feature layer, ``layer00``, ``layer01``... in forward order); ``classes`` is set for
     a leave-out member only: the dataset class of each logit column (its ``kept_classes``).
     """
 
@@ -46,11 +52,13 @@ class Views:
     labels: np.ndarray | None = None
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, np.ndarray | dict[str, np.ndarray]] = field(default_factory=dict)
     classes: np.ndarray | None = None
 
     def __len__(self) -> int:
         for a in (self.logits, self.features, self.labels, *self.extra.values()):
+            if isinstance(a, dict):
+                a = next(iter(a.values()), None)
             if a is not None:
                 return len(a)
         return 0
