@@ -99,14 +99,17 @@ def load_modes(path: str | Path | None = None, *, arch: str | None = None, num_c
 
 def get_benchmark(name: str, data_root: str | Path | None = None, *, ood: Sequence[str] | None = None,
                   imglist: Iterable[str | Path] = (), imglist_root: str | Path | None = None,
-                  corruptions: str | None = None) -> Benchmark:
+                  corruptions: str | None = None, val_ood: Sequence[str] | None = None) -> Benchmark:
     """A registered benchmark (``oodens.BENCHMARKS``) with the OOD sets to evaluate.
 
     ``ood``: names of the benchmark's OOD sets to use (case-insensitive; default every set on disk, with
     one :class:`OodensWarning` naming the sets that are missing) and/or ``NAME=PATH`` entries adding a set
     (an image folder, an OpenOOD image list ``.txt`` or a ``.mat``); ``imglist``: OpenOOD image lists
     added as sets named after their files; ``corruptions``: covariate-shift copies of the ID test split
-    (``"all"`` or ``"NAME[:SEVERITY],..."``). ``data_root`` defaults to ``$OODENS_DATA``, else the config file.
+    (``"all"`` or ``"NAME[:SEVERITY],..."``); ``val_ood``: the OOD validation sets for hyperparameter selection,
+    names of the benchmark's (default: all of them; digits has ``letters-val`` and ``noise-val``) and/or
+    ``NAME=PATH`` entries; an evaluated OOD set is never one. ``data_root`` defaults to ``$OODENS_DATA``, else
+    the config file.
     """
     root = _resolve_root(Path(data_root) if data_root is not None else None)
     bench = _registered_benchmark(name, root)
@@ -133,6 +136,11 @@ def get_benchmark(name: str, data_root: str | Path | None = None, *, ood: Sequen
                       OodensWarning, stacklevel=2)
     chosen = list(bench.select_ood(selected + added if selected else None))
     bench.ood_factories = {n: bench.ood_factories[n] for n in chosen}
+    val_entries = []
+    for entry in (str(e).strip() for e in (val_ood or []) if str(e).strip()):
+        set_name, eq, path = entry.partition("=")
+        val_entries.append((set_name, source_from_path(set_name, Path(path), rel_root) if eq else None))
+    bench.select_val_ood(val_entries)
     return bench
 
 
@@ -141,11 +149,14 @@ def get_benchmark(name: str, data_root: str | Path | None = None, *, ood: Sequen
 
 @dataclass
 class ModeViews:
-    """One mode's views: ``train`` (None until a detector needs it), ``test`` and ``ood[set]``."""
+    """One mode's views: ``train`` (None until a detector needs it), ``test`` and ``ood[set]``; with validation,
+    ``val`` (the ID validation split; ``train`` is then what detectors fit on) and ``val_ood[set]``."""
 
     train: Views | None
     test: Views
     ood: dict[str, Views]
+    val: Views | None = None
+    val_ood: dict[str, Views] = field(default_factory=dict)
 
 
 DetectorLike = Union[str, Detector, type]
@@ -228,6 +239,7 @@ class Experiment:
         self.run_options = {"batch_size": batch_size, "device": device, "workers": workers, "precision": precision,
                             "channels_last": channels_last, "compile": compile}
         self._train: DataSource | None = None
+        self._fit: DataSource | None = None
 
     # ---- data
     @property
@@ -245,41 +257,76 @@ class Experiment:
             self._train = full if self.fit_fraction >= 1 else SubsetSource(full, self.fit_fraction)
         return self._train
 
-    def sources(self, train: bool = True) -> list[DataSource]:
-        return [*([self.train_source] if train else []), self.benchmark.id_test, *self.oods.values()]
+    def fit_source(self, validation: bool = False) -> DataSource:
+        """The ID training split detectors fit on: :attr:`train_source`, or with validation in use ID train
+        minus the validation hold-out (the whole split when the benchmark names its own validation split),
+        subsampled as :attr:`train_source` is with ``fit_fraction`` < 1."""
+        if not validation:
+            return self.train_source
+        if self._fit is None:
+            from oodens.data.sources import SubsetSource
+
+            part = self.benchmark.validation()[0]
+            self._fit = part if self.fit_fraction >= 1 else SubsetSource(part, self.fit_fraction)
+        return self._fit
+
+    @property
+    def val_source(self) -> DataSource:
+        """The ID validation split: the benchmark's own, else a seeded class-stratified hold-out of ID train
+        (10%, at most 5,000 samples; :func:`oodens.data.sources.stratified_holdout`)."""
+        return self.benchmark.validation()[1]
+
+    @property
+    def val_oods(self) -> dict[str, DataSource]:
+        """The OOD validation sets (hyperparameter selection only; never evaluated)."""
+        return self.benchmark.val_ood
+
+    def sources(self, train: bool = True, validation: bool = False, val_ood: bool = False) -> list[DataSource]:
+        return [*([self.fit_source(validation)] if train else []), self.benchmark.id_test, *self.oods.values(),
+                *([self.val_source] if validation else []), *(self.val_oods.values() if val_ood else [])]
 
     # ---- extraction -> views
     def extract(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *, train: bool = True,
-                distributed: bool = False):
+                validation: bool = False, val_ood: bool = False, distributed: bool = False):
         """Make sure every view these detectors read is cached (one forward pass per mode and split) and
-        return the :class:`oodens.views.extract.Extraction`. ``distributed``: under torchrun, ranks share each
-        pass and rank 0 writes (the others get ``None``)."""
+        return the :class:`oodens.views.extract.Extraction`. ``validation``: also the ID validation split (and
+        detectors then fit on ID train minus its hold-out), ``val_ood``: also the OOD validation sets.
+        ``distributed``: under torchrun, ranks share each pass and rank 0 writes (the others get ``None``)."""
         from oodens.views.extract import extract as run_extract
 
         dets = detector_list(detectors) if detectors else []
         specs = [s for d in dets for s in d.view_specs()]
-        kw = dict(specs=specs, base_only=[self.train_source] if train else [], **self.run_options)
+        sources = self.sources(train, validation, val_ood and validation)
+        kw = dict(specs=specs, base_only=[self.fit_source(validation)] if train else [], **self.run_options)
         if not distributed:
-            return run_extract(list(self.modes), self.sources(train), self.cache, **kw)
+            return run_extract(list(self.modes), sources, self.cache, **kw)
         from oodens.runtime.distributed import process_group
 
         with process_group(self.run_options["device"]) as (ctx, dev):
-            ex = run_extract(list(self.modes), self.sources(train), self.cache, **{**kw, "device": dev})
+            ex = run_extract(list(self.modes), sources, self.cache, **{**kw, "device": dev})
         return ex if ctx.is_main else None
 
-    def views(self, detectors: DetectorLike | Sequence[DetectorLike] = ()) -> dict[str, ModeViews]:
+    def views(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *,
+              validation: bool = False) -> dict[str, ModeViews]:
         """Each mode's views (memory-mapped from the cache, extracted on first use): logits, features,
-        labels of the ID train and test splits and every OOD set, plus what ``detectors`` ask for."""
-        ex = self.extract(detectors)
-        return {m.name: ModeViews(ex.get(m.name, self.train_source), ex.get(m.name, self.benchmark.id_test),
-                                  {o: ex.get(m.name, s) for o, s in self.oods.items()}) for m in self.modes}
+        labels of the ID train and test splits and every OOD set, plus what ``detectors`` ask for;
+        ``validation``: also the ID validation split and the OOD validation sets (``train`` is then ID train
+        minus the validation hold-out, what detectors fit on when validating)."""
+        ex = self.extract(detectors, validation=validation, val_ood=validation)
+        sets = self.member_set(ex, True, validation, validation)
+        return {m: ModeViews(sets.train[i], sets.test[i], {o: v[i] for o, v in sets.oods.items()},
+                             sets.val[i] if validation else None, {o: v[i] for o, v in sets.val_oods.items()})
+                for i, m in enumerate(sets.names)}
 
-    def member_set(self, ex, train: bool) -> MemberSet:
+    def member_set(self, ex, train: bool, validation: bool = False, val_ood: bool = False) -> MemberSet:
         names = self.modes.names
-        return MemberSet(names, [ex.get(m, self.train_source) if train else None for m in names],
+        fit = self.fit_source(validation) if train else None  # a run that fits nothing never lists ID train
+        return MemberSet(names, [ex.get(m, fit) if train else None for m in names],
                          [ex.get(m, self.benchmark.id_test) for m in names],
                          {o: [ex.get(m, s) for m in names] for o, s in self.oods.items()},
-                         {o: self.benchmark.kinds.get(o, "semantic") for o in self.oods})
+                         {o: self.benchmark.kinds.get(o, "semantic") for o in self.oods},
+                         [ex.get(m, self.val_source) for m in names] if validation else None,
+                         {o: [ex.get(m, s) for m in names] for o, s in self.val_oods.items()} if val_ood else {})
 
     # ---- detectors -> ensemble -> metrics
     def applicable(self, detectors: list[Detector], strict: bool) -> list[Detector]:
@@ -299,48 +346,114 @@ class Experiment:
 
     def evaluate(self, detectors: DetectorLike | Sequence[DetectorLike] = "msp", *, strategy: str | None = None,
                  positive: str = "id", ensemble_sizes: int | str | Sequence[int] | None = None,
-                 max_subsets: int = 100, subset_seed: int = 0, skip_inapplicable: bool | None = None) -> "Results":
+                 max_subsets: int = 100, subset_seed: int = 0, skip_inapplicable: bool | None = None,
+                 select: str | None = None, grid: dict[str, dict[str, Sequence]] | None = None) -> "Results":
         """Score each detector per mode and as a mode ensemble on every OOD set; returns :class:`Results`.
 
         ``detectors``: names, ``"all"`` (every detector that applies; others skipped with a warning),
         classes or instances (their hyperparameters). ``strategy``: the ensemble strategy (default each
-        detector's own; with several detectors it applies where it fits). ``positive``: ``"id"`` (the
-        papers') or ``"ood"`` (OpenOOD's FPR95). ``ensemble_sizes``: also score every k-of-N subset of the
-        modes (k, a list, or ``"all"``), at most ``max_subsets`` per k (a seeded sample).
-        ``skip_inapplicable``: skip (with a warning) detectors that do not apply to these modes instead of
-        raising (default: only for ``"all"``)."""
-        from oodens.ensemble.strategies import STRATEGIES, resolve_strategy
+        detector's own; with several detectors it applies where it fits; ``"all"``: every strategy each
+        detector supports, one run each). ``positive``: ``"id"`` (the papers') or ``"ood"`` (OpenOOD's FPR95).
+        ``ensemble_sizes``: also score every k-of-N subset of the modes (k, a list, or ``"all"``), at most
+        ``max_subsets`` per k (a seeded sample). ``skip_inapplicable``: skip (with a warning) detectors that
+        do not apply to these modes instead of raising (default: only for ``"all"``).
+
+        ``select`` (``"auroc"`` or ``"fpr95"``) with ``grid`` (``{"knn": {"k": [10, 50]}}``): each member, the
+        ensemble and every subset takes the grid values whose metric on the ID validation split against the
+        OOD validation sets is best; the ID test split and the evaluated OOD sets are never read to choose.
+        Validation is in use with ``select``, a detector that fits on it or a strategy that standardises on
+        it: detectors then fit on ID train minus the validation hold-out, and the settings say so."""
+        from oodens.ensemble.evaluate import Candidate
+        from oodens.ensemble.strategies import STRATEGIES, check_members, resolve_strategy, strategies_for
 
         if positive not in POSITIVES:
             raise ParameterError("experiment", "positive", positive, f"is not one of {', '.join(POSITIVES)}")
         if max_subsets < 1:
             raise ParameterError("experiment", "max_subsets", max_subsets, "is not a positive integer")
+        if strategy is not None and strategy != "all" and strategy not in STRATEGIES:
+            raise OodensError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)} or 'all'")
         if skip_inapplicable is None:
             skip_inapplicable = isinstance(detectors, str) and detectors.strip() == "all"
         strict = not skip_inapplicable
         dets = detector_list(detectors)
-        if strategy is not None:
-            if strategy not in STRATEGIES:
-                raise OodensError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-            for d in dets if strict else []:
-                resolve_strategy(type(d), strategy)
+        selections = self._selections(dets, select, grid)
         sweep = Sweep(parse_ensemble_sizes(ensemble_sizes, len(self.modes)), max_subsets, subset_seed)
         dets = self.applicable(dets, strict)
-        need_train = any(d.needs_fit for d in dets)
-        for d in dets if need_train else []:  # before any extraction: the training split's size is known
-            d.validate_training_size(len(self.train_source))
-        ex = self.extract(dets, train=need_train)
-        sets = self.member_set(ex, need_train)
-        quality = Quality(sets)  # once per mode set, shared by every detector's records
-        runs = []
+        leave_out, n = any(m.kept_classes for m in self.modes), len(self.modes)
+        plan = []  # (detector, its strategies: None = its default)
         for d in dets:
-            run = evaluate_detector(d, sets, strategy if strategy in d.strategies else None, positive, sweep, quality)
-            settings = {**self.settings(), "detector": d.name, "strategy": run.strategy, "params": run.params,
-                        "positive": positive, "ood_sets": list(self.oods), "ensemble_sizes": sweep.sizes,
-                        "max_subsets": max_subsets, "subset_seed": subset_seed,
-                        "leave_out": sets.leave_out}
-            runs.append(Run(settings, [{"benchmark": self.benchmark.name, **r} for r in run.records], run))
+            if strategy == "all":
+                plan.append((d, strategies_for(type(d), n, leave_out)))
+                continue
+            if strategy is not None and strict:
+                check_members(strategy, n)
+                plan.append((d, [resolve_strategy(type(d), strategy, leave_out)]))
+                continue
+            applies = strategy is not None and strategy in strategies_for(type(d), n, leave_out)
+            plan.append((d, [resolve_strategy(type(d), strategy if applies else None, leave_out)]))
+        validation = select is not None or any(type(d).reads("val") or any(STRATEGIES[s].needs_val for s in ss)
+                                               for d, ss in plan)
+        if select is not None and not self.val_oods:
+            raise OodensError(f"benchmark {self.benchmark.name!r} has no OOD validation set to select on: expected "
+                              "--val-ood NAME=PATH (val_ood=['NAME=PATH'])")
+        need_train = any(type(d).reads("train") for d in dets)
+        for d in dets if need_train else []:  # before any extraction: the training split's size is known
+            d.validate_training_size(len(self.fit_source(validation)))
+        ex = self.extract(dets, train=need_train, validation=validation, val_ood=select is not None)
+        sets = self.member_set(ex, need_train, validation, select is not None)
+        quality = Quality(sets)  # once per mode set, shared by every detector's records
+        base = {**self.settings(), **(self.validation_settings(need_train, select) if validation else {})}
+        runs = []
+        for d, strategies in plan:
+            chosen = selections.get(d.name)
+            candidates = [Candidate(p, sets) for p in (chosen.points(d) if chosen else [d])]  # shared by strategies
+            for strat in strategies:
+                try:
+                    run = evaluate_detector(d, sets, strat, positive, sweep, quality, chosen, candidates)
+                except OodensError as e:  # "all": a strategy undefined on these scores is skipped, not fatal
+                    if strategy != "all":
+                        raise
+                    warnings.warn(f"skipping {d.name} · {strat}: {e}", OodensWarning, stacklevel=2)
+                    continue
+                settings = {**base, "detector": d.name, "strategy": run.strategy, "params": run.params,
+                            "positive": positive, "ood_sets": list(self.oods), "ensemble_sizes": sweep.sizes,
+                            "max_subsets": max_subsets, "subset_seed": subset_seed, "leave_out": sets.leave_out}
+                runs.append(Run(settings, [{"benchmark": self.benchmark.name, **r} for r in run.records], run))
         return Results(runs, extraction={"computed": ex.computed, "cached": ex.cached, "cache": str(self.cache.root)})
+
+    def _selections(self, dets: list[Detector], select: str | None, grid: dict | None) -> dict:
+        """detector name -> :class:`Selection` (every detector when ``select``), checked before any work."""
+        from oodens.ensemble.evaluate import Selection
+
+        grid = dict(grid or {})
+        if grid and select is None:
+            d, params = next(iter(grid.items()))
+            raise OodensError(f"a grid of hyperparameters ({d}: {', '.join(map(str, params))}) needs select='auroc' "
+                              "or 'fpr95' (--select) to choose among its values on validation data")
+        names = [d.name for d in dets]
+        unknown = [g for g in grid if g not in names]
+        if unknown:
+            raise OodensError(f"grid for detector {unknown[0]!r}, which is not evaluated: expected one of "
+                              f"{', '.join(names)}")
+        if select is None:
+            return {}
+        out = {}
+        for d in dets:
+            out[d.name] = Selection(select, {p: list(v) for p, v in (grid.get(d.name) or {}).items()})
+            out[d.name].points(d)  # every grid value checked before any extraction
+        return out
+
+    def validation_settings(self, train: bool, select: str | None) -> dict:
+        """What was fitted on and what validated, for the settings of a run with validation in use."""
+        def described(src: DataSource) -> dict:
+            ident = src.identity()
+            return {"name": src.name, "split": src.split, "n": len(src),
+                    **{k: ident[k] for k in ("holdout", "fraction", "seed") if k in ident}}
+
+        out = {"fit_on": described(self.fit_source(True)) if train else None, "id_val": described(self.val_source)}
+        if select is not None:
+            out.update({"ood_val": {n: len(s) for n, s in self.val_oods.items()}, "select": select})
+        return {"validation": out}
 
     def settings(self) -> dict:
         """What identifies this experiment in the results store."""

@@ -95,9 +95,15 @@ def save_run(results_dir: Path, settings: dict, records: list[dict]) -> Path:
     return path
 
 
-def setting_name(detector: str, strategy: str, params: dict, fit_fraction: float = 1.0) -> str:
-    """``knn · concat (k=50)``: what tells two evaluations of a mode set apart."""
-    extra = [f"{k}={v}" for k, v in sorted(params.items())] + ([f"fit={fit_fraction:g}"] if fit_fraction != 1 else [])
+def setting_name(detector: str, strategy: str, params: dict, fit_fraction: float = 1.0,
+                 validation: dict | None = None) -> str:
+    """``knn · concat (k=50)``: what tells two evaluations of a mode set apart; a run with validation in use says
+    so (``fit=train-val`` when detectors fitted on ID train minus the validation hold-out, ``select=auroc``)."""
+    validation = validation or {}
+    held_out = bool((validation.get("fit_on") or {}).get("holdout"))
+    extra = ([f"{k}={v}" for k, v in sorted(params.items())] + ([f"fit={fit_fraction:g}"] if fit_fraction != 1 else [])
+             + (["fit=train-val"] if held_out else [])
+             + ([f"select={validation['select']}"] if validation.get("select") else []))
     return f"{detector} · {strategy}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -130,7 +136,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
                "arch": r.get("arch", ""),
                "positive": r.get("positive", "id"), "detector": r["detector"], "strategy": r["strategy"],
                "params": json.dumps(params), "fit_fraction": fit,
-               "setting": setting_name(r["detector"], r["strategy"], params, fit), "n_members": int(r["n_members"]),
+               "setting": setting_name(r["detector"], r["strategy"], params, fit, r.get("validation")),
+               "n_members": int(r["n_members"]),
                "member": "subsets" if role == "subsets" else r["member"], "role": role, "k": k, "stat": stat,
                "ood": r["ood"], "kind": r["kind"], "n_subsets": float(r.get("n_subsets", math.nan)),
                "leave_out": bool(r.get("leave_out", False))}

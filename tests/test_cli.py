@@ -176,7 +176,7 @@ def test_several_checkpoints_in_one_mode_folder(warm_cache, two_modes, capsys):
     [
         (["--detector", "nosuch"], ("unknown detector 'nosuch'", "msp")),
         (["--detector", "msp,nosuch"], ("unknown detector 'nosuch'",)),
-        (["--strategy", "median"], ("unknown strategy 'median'", "mean-logits")),
+        (["--strategy", "bogus"], ("unknown strategy 'bogus'", "mean-logits")),
         (["--detector", "knn", "--strategy", "mean-logits"], ("'mean-logits' does not apply to detector 'knn'",
                                                                "concat")),
         (["--ood", "noise,mnist"], ("unknown OOD set 'mnist'", "digits-6789")),

@@ -11,7 +11,8 @@ this file.
   scores are higher than the OOD scores (higher = more in-distribution).
 
 The toy views are built with numpy only, logits = features @ W.T + b. Parametrised views (ODIN,
-RankFeat) get those logits under their view id; ensemble-only detectors get a list of members
+RankFeat) get those logits under their view id, the multi-layer views (layers, gram) arrays built from
+the features (:data:`LAYER_VIEWS`); ensemble-only detectors get a list of members
 (leave-out members, ``Views.classes`` set, for detectors that apply only to those: eloc).
 """
 
@@ -75,6 +76,15 @@ class Toy:
         return h, y
 
 
+#: toy multi-layer views from the features h: two "layers" (the class blocks, and all of h), pooled
+#: (``layers``) or as (n, P, C_l) Gram-like features, the same for every order (``gram``)
+LAYER_VIEWS = {
+    "layers": lambda h, **_: {"layer00": h[:, : h.shape[1] // 2], "layer01": h},
+    "gram": lambda h, orders: {"layer00": np.repeat(h[:, None, : h.shape[1] // 2], orders, axis=1),
+                               "layer01": np.repeat(h[:, None, :], orders, axis=1)},
+}
+
+
 def make_views(det, h, y, w, b, kept=None) -> Views:
     """Consistent views: logits = h W^T + b (on the kept classes of a leave-out member), and those
     logits standing in for every parametrised view the detector reads (ODIN, RankFeat)."""
@@ -83,7 +93,7 @@ def make_views(det, h, y, w, b, kept=None) -> Views:
     v = Views(logits=z, features=h.astype(np.float32), labels=y, weight=w[cols], bias=b[cols],
               classes=None if kept is None else cols)
     for spec in det.view_specs():
-        v.extra[spec.id] = z
+        v.extra[spec.id] = LAYER_VIEWS[spec.kind](h, **dict(spec.params)) if spec.kind in LAYER_VIEWS else z
     return v
 
 

@@ -13,25 +13,60 @@ from oodens.cli.options import (ResultsOpt, expect_folder, experiment, names, st
 from oodens.detectors import DETECTORS
 
 
-def _detectors(spec: str, flags: dict) -> list:
-    """``--detector`` (a name, a comma list or 'all') -> instances with their ``--<detector>-<param>`` values."""
+def _detectors(spec: str, flags: dict) -> tuple[list, dict]:
+    """``--detector`` (a name, a comma list or 'all') -> (instances with their ``--<detector>-<param>`` values,
+    the grids: detector -> parameter -> values, for the flags given a comma list)."""
+    import typing
+
     from oodens.api import detector_list
+    from oodens.cli.options import detector_flag, detector_option_name, parse_grid
 
     wanted = names(spec)
     picked = list(DETECTORS) if wanted == ["all"] else wanted
     detector_list(",".join(picked))  # validates the names (one-line error naming an unknown one)
-    dets = [DETECTORS[n](**{f.name: flags[f"{n}_{f.name}"] for f in DETECTORS[n].params()})
-            for n in dict.fromkeys(picked)]
+    dets, grids = [], {}
+    for n in dict.fromkeys(picked):
+        cls, hints = DETECTORS[n], typing.get_type_hints(DETECTORS[n])
+        values = {f.name: parse_grid(detector_flag(n, f.name), flags[detector_option_name(n, f.name)], hints[f.name], f.default)
+                  for f in cls.params()}
+        dets.append(cls(**{p: v[0] for p, v in values.items()}))
+        grid = {p: v for p, v in values.items() if len(v) > 1}
+        if grid:
+            grids[n] = grid
     for d in dets:
         d.validate()
-    return dets
+    return dets, grids
+
+
+def _check_grids(grids: dict, select: Optional[str]) -> None:
+    """A grid without ``--select`` is a one-line error naming its flag."""
+    from oodens.cli.options import detector_flag
+    from oodens.errors import OodensError
+
+    if select is not None or not grids:
+        return
+    n, grid = next(iter(grids.items()))
+    p, values = next(iter(grid.items()))
+    raise OodensError(f"{detector_flag(n, p)} {','.join(map(str, values))} is a grid: expected --select auroc or "
+                      "fpr95 to choose among its values on validation data (or one value)")
 
 
 def eval_cmd(
     detector: str = typer.Option("msp", "--detector", help=f"Detector, comma list or 'all': {', '.join(DETECTORS)}."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Ensemble strategy (default: the detector's "
-                                           "own: mean-logits for logit detectors, concat for knn/mahalanobis).",
+                                           "own: mean-logits for logit detectors, concat for knn/mahalanobis); "
+                                           "every per-member detector also takes mean-scores, median, min, max, std, "
+                                           "and, standardised on the ID validation split, rank, zscore, fisher, "
+                                           "simes; 'all': every strategy each detector supports.",
                                            show_default=False),
+    select: Optional[str] = typer.Option(None, "--select", help="Choose each detector's hyperparameters (the "
+                                         "values of --<detector>-<param> A,B,C grids) per mode, for the ensemble "
+                                         "and per subset by this metric on validation data: auroc or fpr95 of "
+                                         "the ID validation split against the OOD validation sets.",
+                                         show_default=False),
+    val_ood: Optional[str] = typer.Option(None, "--val-ood", help="OOD validation sets for --select: a comma "
+                                          "list of the benchmark's (digits: letters-val, noise-val; default all) "
+                                          "and/or NAME=PATH; never an evaluated set.", show_default=False),
     positive: str = typer.Option("id", "--positive", help="Metric convention: id (papers') or ood (OpenOOD)."),
     as_json: bool = typer.Option(False, "--json", help="Print the records as JSON instead of tables."),
     summary: bool = typer.Option(False, "--summary", help="Print one row per detector (OOD average: modes' "
@@ -51,7 +86,9 @@ def eval_cmd(
     """Score detectors per mode and as a mode ensemble on every OOD set: per-mode rows, mean ± std, ensemble.
 
     Views come from the cache (extracted once per mode and dataset); the records are also stored for
-    `oodens report`.
+    `oodens report`. With --select, a strategy standardised on validation (rank, zscore, fisher, simes) or a detector fitted on
+    validation data (tempscale), detectors fit on ID train minus a validation hold-out (10%, at most 5,000,
+    class-stratified, seed 0) unless the benchmark names its own validation split.
     """
     from oodens.errors import OodensError
     from oodens.report.tables import detector_tables, render_rich, summary_table
@@ -61,11 +98,13 @@ def eval_cmd(
     for flag, path in (("--cache-dir", options["cache_dir"] or default_cache_dir()), ("--results", results_dir),
                        ("--save-scores", save_scores)):
         expect_folder(flag, path)  # before any work
-    dets = _detectors(detector, options)  # hyperparameters checked before any work
+    dets, grids = _detectors(detector, options)  # hyperparameters checked before any work
+    _check_grids(grids, select)
     with warnings_to_stderr():
-        exp = experiment(options)
+        exp = experiment({**options, "val_ood": val_ood})
         res = exp.evaluate(dets, strategy=strategy, positive=positive, ensemble_sizes=ensemble_size,
-                           max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"])
+                           max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"],
+                           select=select, grid=grids)
     stderr.print(f"views: {res.extraction['computed']} extracted, {res.extraction['cached']} from cache "
                  f"({res.extraction['cache']})")
     # the output first: when the results cannot be stored (a full disk, a read-only folder) the work still shows

@@ -97,7 +97,8 @@ def experiment(options: dict):
     modes = load_modes(o["modes_dir"], arch=o["arch"], num_classes=o["num_classes"], preset=o["preset"],
                        dataset=o["benchmark"])
     bench = get_benchmark(o["benchmark"] or modes.dataset, o["data_root"], ood=names(o["ood"]),
-                          imglist=o["imglist"] or [], imglist_root=o["imglist_root"], corruptions=o["corruptions"])
+                          imglist=o["imglist"] or [], imglist_root=o["imglist_root"], corruptions=o["corruptions"],
+                          val_ood=names(options.get("val_ood")))
     return Experiment(modes, bench, cache_dir=o["cache_dir"], device=o["device"], fit_fraction=o["fit_fraction"],
                       batch_size=o["batch_size"], workers=o["workers"], precision=o["precision"],
                       channels_last=o["channels_last"], compile=o["compile"])
@@ -137,25 +138,81 @@ def warnings_to_stderr():
             warnings.showwarning = previous
 
 
+def _scalar_type(hint):
+    """``int`` for ``int`` and ``int | None``; the type a flag's values are parsed with."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _optional(hint) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def grid_capable(hint) -> bool:
+    """Hyperparameters whose flag takes a value or a comma list of values (a grid): numbers and words.
+    Boolean switches stay ``--flag/--no-flag``."""
+    return _scalar_type(hint) in (int, float, str)
+
+
 def with_detector_options(func):
     """Add ``--<detector>-<param>`` options for every registered detector hyperparameter (to a command
-    taking ``**options``)."""
+    taking ``**options``). A number or word hyperparameter takes one value or a comma list (a grid for
+    ``--select``), parsed by :func:`parse_grid`; its default shows in ``--help``."""
     from oodens.detectors import DETECTORS
 
     extra = []
     for cls in DETECTORS.values():
         hints = typing.get_type_hints(cls)
         for f in cls.params():
-            extra.append(inspect.Parameter(
-                f"{cls.name}_{f.name}", inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
-                default=typer.Option(f.default, detector_flag(cls.name, f.name), help=f.metadata.get("help", ""),
-                                     rich_help_panel="Detector hyperparameters"),
-            ))
+            flag, help_text = detector_flag(cls.name, f.name), f.metadata.get("help", "")
+            if grid_capable(hints[f.name]):
+                option = typer.Option(str(f.default), flag, help=help_text + " (a comma list: a grid for --select)",
+                                      rich_help_panel="Detector hyperparameters")
+                annotation = str
+            else:
+                option = typer.Option(f.default, flag, help=help_text, rich_help_panel="Detector hyperparameters")
+                annotation = hints[f.name]
+            extra.append(inspect.Parameter(detector_option_name(cls.name, f.name), inspect.Parameter.KEYWORD_ONLY,
+                                           annotation=annotation, default=option))
     return _add_options(func, extra)
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a word"}
+
+
+def parse_grid(flag: str, text: Optional[str], hint, default) -> list:
+    """``--knn-k 10,50`` -> ``[10, 50]``: the flag's value or comma list parsed with the hyperparameter's type
+    (``none`` allowed where the hyperparameter may be None); not given -> ``[default]``. A bad value is a
+    one-line :class:`OodensError` naming the flag."""
+    from oodens.errors import OodensError
+
+    if text is None or not grid_capable(hint):
+        return [default if text is None else text]
+    kind = _scalar_type(hint)
+    expected = f"{_KINDS[kind]}{' or none' if _optional(hint) else ''}, or a comma list of them"
+    values = []
+    for item in (t.strip() for t in str(text).split(",")):
+        if not item:
+            raise OodensError(f"{flag} {text}: an empty value: expected {expected}")
+        if _optional(hint) and item.lower() == "none":
+            values.append(None)
+            continue
+        try:
+            values.append(kind(item))
+        except ValueError:
+            raise OodensError(f"{flag} {text}: {item!r} is not {_KINDS[kind]}: expected {expected}") from None
+    if len(set(map(repr, values))) != len(values):
+        raise OodensError(f"{flag} {text}: a value is given twice: expected distinct values")
+    return values
 
 
 def detector_flag(detector: str, param: str) -> str:
     return f"--{detector}-{param.replace('_', '-')}"
+
+
+def detector_option_name(detector: str, param: str) -> str:
+    """The Python name of a ``--<detector>-<param>`` option (``ash-p``'s ``p`` -> ``ash_p_p``)."""
+    return f"{detector.replace('-', '_')}_{param}"
 
 
 def flag_of(owner: str, param: str) -> Optional[str]:
@@ -166,7 +223,7 @@ def flag_of(owner: str, param: str) -> Optional[str]:
     if owner in DETECTORS and param in {f.name for f in DETECTORS[owner].params()}:
         return detector_flag(owner, param)
     if owner == "experiment":
-        return {"ensemble_sizes": "--ensemble-size"}.get(param, f"--{param.replace('_', '-')}")
+        return {"ensemble_sizes": "--ensemble-size", "val_ood": "--val-ood"}.get(param, f"--{param.replace('_', '-')}")
     return None
 
 

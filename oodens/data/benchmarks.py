@@ -1,4 +1,10 @@
-"""Benchmarks as data: an ID train split, an ID test split and named OOD sets.
+"""Benchmarks as data: an ID train split, an ID test split and named OOD sets, and for validation (hyperparameter
+selection, detectors and strategies calibrated on ID data) an ID validation split and OOD validation sets.
+
+A benchmark may name its own ID validation split (``val_factory``, e.g. OpenOOD's val image lists); otherwise
+the ID validation split is a seeded, class-stratified hold-out of ID train
+(:class:`oodens.data.sources.HoldOutSource`: 10%, at most 5,000 samples, seed 0) and detectors fit on the rest.
+OOD validation sets (``val_ood_factories``) are never evaluated sets; the embedded digits benchmark has two.
 
 Where each benchmark's sets live under a data root (the layout the mode-ensemble paper's code
 expects) and its class count are facts of :data:`oodens.data.datasets.DATASETS`; sources are only
@@ -41,6 +47,10 @@ class Benchmark:
     #: "near" / "far" (semantic shift, as the benchmark classes them; "semantic" when unclassed) and
     #: "shift" (corrupted ID test copies: covariate shift)
     kinds: dict[str, str] = field(default_factory=dict)
+    #: the benchmark's own ID validation split (None: a hold-out of ID train, see :meth:`validation`)
+    val_factory: Factory | None = field(default=None, repr=False)
+    #: OOD validation set name -> factory: sets for choosing hyperparameters, never evaluated
+    val_ood_factories: dict[str, Factory] = field(default_factory=dict, repr=False)
     _built: dict[str, DataSource] = field(default_factory=dict, repr=False)
 
     def _get(self, key: str, factory: Factory) -> DataSource:
@@ -59,6 +69,43 @@ class Benchmark:
     @property
     def ood(self) -> dict[str, DataSource]:
         return {n: self._get(n, f) for n, f in self.ood_factories.items()}
+
+    def validation(self) -> tuple[DataSource, DataSource]:
+        """(the ID training split detectors fit on, the ID validation split) when validation is in use: the whole
+        training split and the benchmark's own validation split, else the two parts of the hold-out."""
+        from oodens.data.sources import HoldOutSource
+
+        if self.val_factory is not None:
+            return self.id_train, self._get("__val__", self.val_factory)
+        return (self._get("__fit__", lambda: HoldOutSource(self.id_train, "fit")),
+                self._get("__heldout__", lambda: HoldOutSource(self.id_train, "val")))
+
+    @property
+    def val_ood(self) -> dict[str, DataSource]:
+        return {n: self._get(f"__val_ood__{n}", f) for n, f in self.val_ood_factories.items()}
+
+    def select_val_ood(self, entries: list[tuple[str, Factory | None]]) -> None:
+        """Keep the named OOD validation sets (``(name, None)``, any case) and add new ones (``(name, factory)``),
+        in order; none given keeps them all. An evaluated OOD set is never a validation set."""
+        if not entries:
+            return
+        by_lower = {n.lower(): n for n in self.val_ood_factories}
+        chosen: dict[str, Factory] = {}
+        for name, factory in entries:
+            if name in self.ood_factories or name.lower() in {n.lower() for n in self.ood_factories}:
+                raise OodensError(f"--val-ood {name}: {name!r} is an evaluated OOD set, and evaluated sets are never "
+                                  f"read to choose: expected one of {', '.join(self.val_ood_factories) or 'none'} "
+                                  "or NAME=PATH for another set")
+            if factory is None:
+                if name.lower() not in by_lower:
+                    raise OodensError(f"unknown OOD validation set {name!r} for benchmark {self.name!r}: expected "
+                                      f"one of {', '.join(self.val_ood_factories) or 'none'} or NAME=PATH")
+                name = by_lower[name.lower()]
+                factory = self.val_ood_factories[name]
+            if name in chosen:
+                raise OodensError(f"OOD validation set {name!r} is given twice: expected unique names")
+            chosen[name] = factory
+        self.val_ood_factories = chosen
 
     def add_ood(self, name: str, factory: Factory, kind: str = "semantic") -> None:
         if name in self.ood_factories:
@@ -176,7 +223,9 @@ def _digits(root: Path | None) -> Benchmark:
     ood = {name: source(name, "test", build) for name, (build, _) in digits.OOD_SETS.items()}
     return Benchmark(facts.name, facts.num_classes, source(facts.name, "train", digits.id_train),
                      source(facts.name, "test", digits.id_test), ood,
-                     kinds={name: kind for name, (_, kind) in digits.OOD_SETS.items()})
+                     kinds={name: kind for name, (_, kind) in digits.OOD_SETS.items()},
+                     val_ood_factories={name: source(name, "val", build)
+                                        for name, build in digits.VAL_OOD_SETS.items()})
 
 
 def _need_root(root: Path | None, bench: str) -> Path:

@@ -7,6 +7,9 @@
   each with random rotation, scale, shift and stroke width, box-downsampled to
   8x8 and quantised to the 17 grey levels the digits use.
 - far-OOD ``noise``: uniform random images on the same 17 grey levels.
+- OOD validation sets ``letters-val`` and ``noise-val`` (for hyperparameter selection): the same generators
+  with other seeds, so they are never an evaluated set; the ID validation split is the generic hold-out of
+  ID train (:func:`oodens.data.sources.stratified_holdout`).
 
 All images are float32 in [0, 1] with shape (N, 1, 8, 8).
 """
@@ -99,3 +102,17 @@ def noise(n: int = N_FAR, seed: int = 4242):
 
 #: the benchmark's OOD sets: name -> (images and labels, "near" or "far")
 OOD_SETS = {"digits-6789": (digits_6789, "near"), "letters": (letters, "far"), "noise": (noise, "far")}
+
+
+def letters_val(n: int = N_FAR, seed: int = 9001):
+    """OOD validation set: capital letters drawn like ``letters`` with another seed (never evaluated)."""
+    return letters(n, seed)
+
+
+def noise_val(n: int = N_FAR, seed: int = 9002):
+    """OOD validation set: uniform noise like ``noise`` with another seed (never evaluated)."""
+    return noise(n, seed)
+
+
+#: the benchmark's OOD validation sets (hyperparameter selection only): name -> images and labels
+VAL_OOD_SETS = {"letters-val": letters_val, "noise-val": noise_val}

@@ -419,3 +419,55 @@ class SubsetSource(IndexSource):
 
     def identity(self) -> dict:
         return {**self.source.identity(), "fingerprint": self.fingerprint, "fraction": self.fraction, "seed": self.seed}
+
+
+#: the ID validation hold-out of a benchmark that names no validation split of its own: this fraction of the ID
+#: training split, at most ``VAL_CAP`` samples, class-stratified, drawn with ``VAL_SEED``
+VAL_FRACTION = 0.1
+VAL_CAP = 5000
+VAL_SEED = 0
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float = VAL_FRACTION, cap: int = VAL_CAP,
+                       seed: int = VAL_SEED) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified hold-out: n_val = min(round(fraction * n), cap) samples,
+    allotted to the classes in proportion to their sizes (largest remainders), never a class's last sample
+    (every class stays in the rest), each class's samples drawn by one seeded permutation."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    n_val = min(int(round(n * fraction)), cap)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n_val * counts / max(n, 1)
+    take = np.floor(quota).astype(np.int64)
+    for c in np.argsort(-(quota - take), kind="stable")[: n_val - int(take.sum())]:
+        take[c] += 1
+    take = np.minimum(take, counts - 1)
+    rng = np.random.default_rng(seed)
+    parts = [rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+class HoldOutSource(IndexSource):
+    """One part of the ID validation hold-out of a training split (:func:`stratified_holdout`): ``part="val"``
+    the held-out samples (split ``val``), ``part="fit"`` the rest (the source's split; detectors fit on it, so a
+    held-out sample is never in a knn bank). Both parts have their own fingerprint, so their cached views never
+    collide with the whole split's."""
+
+    PARTS = ("fit", "val")
+
+    def __init__(self, source: DataSource, part: str, fraction: float = VAL_FRACTION, cap: int = VAL_CAP,
+                 seed: int = VAL_SEED):
+        if part not in self.PARTS:
+            raise OodensError(f"hold-out part {part!r}: expected one of {', '.join(self.PARTS)}")
+        held = stratified_holdout(np.asarray(source.labels), fraction, cap, seed)
+        index = held if part == "val" else np.setdiff1d(np.arange(len(source)), held)
+        super().__init__(source, index)
+        self.split = "val" if part == "val" else source.split
+        self.part, self.fraction, self.cap, self.seed = part, fraction, cap, seed
+
+    def holdout(self) -> dict:
+        return {"part": self.part, "fraction": self.fraction, "cap": self.cap, "seed": self.seed}
+
+    def identity(self) -> dict:
+        return {**self.source.identity(), "split": self.split, "fingerprint": self.fingerprint,
+                "holdout": self.holdout()}

@@ -18,6 +18,7 @@ from oodens.detectors import logit, feature, shaping, gradient, subspace, disagr
 from oodens.detectors import confidence, geometry, temperature, layers  # noqa: F401,I001
 from oodens.detectors.logit import MSP, ODIN, Energy, Entropy, MaxLogit, RankFeat
 from oodens.detectors.feature import KNN, RMDS, Mahalanobis
+from oodens.detectors.layers import Gram, MultiLayerMahalanobis
 from oodens.detectors.geometry import FDBD, NCI, NECO, SHE, NNGuide, Relation, Residual
 from oodens.detectors.shaping import ASH, ASHB, ASHP, DICE, VRA, ReAct, ReActDICE, Scale
 from oodens.detectors.confidence import GEN, KLMatching, OpenMax
@@ -34,6 +35,6 @@ __all__ = [
     "MSP", "MaxLogit", "Energy", "Entropy", "ODIN", "RankFeat", "KNN", "Mahalanobis", "DICE", "ReAct", "ASH",
     "GradNorm", "ViM", "PDS", "MI", "ELOC",
     "ReActDICE", "VRA", "ASHP", "ASHB", "Scale", "GEN", "KLMatching", "OpenMax",
-    "RMDS", "Residual", "NECO", "NCI", "FDBD", "SHE", "NNGuide", "Relation",
+    "RMDS", "Residual", "NECO", "NCI", "FDBD", "SHE", "NNGuide", "Relation", "MultiLayerMahalanobis", "Gram",
     "TempScaledMSP",
 ]

@@ -65,8 +65,13 @@ class Detector:
     family: ClassVar[str]
     #: the view arrays ``score`` reads
     needs: ClassVar[tuple[str, ...]] = ("logits",)
-    #: whether ``fit`` needs the ID training views
+    #: whether ``fit`` learns state (scoring before ``fit`` raises :class:`NotFittedError`)
     needs_fit: ClassVar[bool] = False
+    #: what ``fit`` reads when ``needs_fit``: ``"train"`` (the ID training views, its first argument) and/or
+    #: ``"val"`` (the ID validation views, its ``val`` argument: a temperature calibrated on held-out data).
+    #: A detector reading ``"val"`` makes its evaluation use validation: it then fits on ID train minus the
+    #: validation hold-out (:meth:`oodens.data.Benchmark.validation`).
+    fit_on: ClassVar[tuple[str, ...]] = ("train",)
     #: the ensemble strategies this detector supports; the first is the default
     strategies: ClassVar[tuple[str, ...]] = ()
     #: defined on the whole ensemble only (no per-member scores)
@@ -92,6 +97,16 @@ class Detector:
                     f"their oodens.json) predict different subsets of the classes: expected eloc, or a "
                     f"per-member detector (its mean-scores/concat ensemble)")
         return None
+
+    @classmethod
+    def reads(cls, split: str) -> bool:
+        """Whether ``fit`` reads the ID ``split`` (``"train"`` or ``"val"``)."""
+        return cls.needs_fit and split in cls.fit_on
+
+    def fit_splits(self, train: Views | None, val: Views | None) -> "Detector":
+        """``fit`` with the splits it reads (:attr:`fit_on`): ``fit(train)``, or ``fit(train, val=val)`` for a
+        detector that reads the ID validation views."""
+        return self.fit(train, val=val) if self.reads("val") else self.fit(train)
 
     def view_specs(self) -> list[ViewSpec]:
         """Views beyond the base view (logits/features/labels) that this detector reads."""

@@ -18,6 +18,14 @@ The row is said by explicit fields:
   the covariate-shift sets of severity s); ``kind`` says which (near, far, semantic, shift, average,
   shift-average).
 
+Validation (``MemberSet.val``: each member's ID validation split; ``val_oods``: the OOD validation sets) is
+read only by detectors that fit on it, strategies that standardise on it and hyperparameter selection
+(:class:`Selection`): each grid point of the hyperparameters is one :class:`Candidate`; each member, the
+ensemble and every subset of the sweep takes the grid point whose metric (ID validation split against the OOD
+validation sets, mean over them) is best, and is then scored with it on the ID test split and the evaluated OOD
+sets, which are never read to choose. Records then carry ``selected`` (the chosen values and their validation
+metric) and ``params`` holds the grid.
+
 Every row also carries ``id_accuracy`` (argmax of the averaged logits for an ensemble), ``id_nll``,
 ``id_brier``, ``id_ece`` (15 bins; an ensemble's predictive distribution is the mean of its members'
 softmax). Leave-out members (ELOC; ``Views.classes`` set) are judged on the test samples of their kept
@@ -37,13 +45,19 @@ import numpy as np
 
 from oodens.detectors import Detector
 from oodens.errors import OodensError
-from oodens.ensemble.strategies import ensemble_scores, resolve_strategy
+from oodens.ensemble.strategies import STRATEGIES, check_members, ensemble_scores, resolve_strategy
+from oodens.errors import ParameterError
 from oodens.metrics import calibration as cal
-from oodens.metrics.ood import accuracy, ood_metrics
+from oodens.metrics.ood import METRICS, accuracy, ood_metrics
 from oodens.views.types import Views
 
 AVERAGE = "average"
 ID_KEY = "__id__"
+#: the key of the ID validation split, and the prefix of the OOD validation sets' keys
+VAL_KEY = "__val__"
+VAL_OOD = "__val_ood__:"
+#: the metrics hyperparameters can be selected by
+SELECT_METRICS = ("auroc", "fpr95")
 
 
 @dataclass
@@ -51,13 +65,16 @@ class MemberSet:
     """The views one evaluation reads, member by member (lists in member order).
 
     ``train`` may hold ``None`` when no detector fits; ``kinds`` maps each OOD set to near, far,
-    semantic or shift (semantic when not given)."""
+    semantic or shift (semantic when not given); ``val`` (each member's ID validation split) and
+    ``val_oods`` (OOD validation sets) are there only when validation is in use."""
 
     names: list[str]
     train: list[Views | None]
     test: list[Views]
     oods: dict[str, list[Views]]
     kinds: dict[str, str] = field(default_factory=dict)
+    val: list[Views] | None = None
+    val_oods: dict[str, list[Views]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.kinds = {o: self.kinds.get(o, "semantic") for o in self.oods}
@@ -70,9 +87,31 @@ class MemberSet:
     def labels(self) -> np.ndarray:
         return np.asarray(self.test[0].labels)
 
+    @property
+    def val_keys(self) -> list[str]:
+        """The keys of the OOD validation sets (for :meth:`views`)."""
+        return [VAL_OOD + o for o in self.val_oods]
+
+    def views(self, key: str) -> list[Views]:
+        """Each member's views of the set ``key``: ``ID_KEY`` (ID test), ``VAL_KEY`` (ID validation), an OOD
+        validation key (:attr:`val_keys`) or an evaluated OOD set's name."""
+        if key == ID_KEY:
+            return self.test
+        if key == VAL_KEY:
+            if self.val is None:
+                raise OodensError("these members have no ID validation views: expected validation in use "
+                                  "(a detector or strategy that needs it, or selection)")
+            return self.val
+        if key.startswith(VAL_OOD):
+            return self.val_oods[key[len(VAL_OOD):]]
+        return self.oods[key]
+
     def subset(self, idx) -> "MemberSet":
-        return MemberSet([self.names[i] for i in idx], [self.train[i] for i in idx], [self.test[i] for i in idx],
-                         {o: [v[i] for i in idx] for o, v in self.oods.items()}, self.kinds)
+        pick = lambda views: [views[i] for i in idx]  # noqa: E731
+        return MemberSet([self.names[i] for i in idx], pick(self.train), pick(self.test),
+                         {o: pick(v) for o, v in self.oods.items()}, self.kinds,
+                         pick(self.val) if self.val is not None else None,
+                         {o: pick(v) for o, v in self.val_oods.items()})
 
 
 @dataclass
@@ -86,6 +125,41 @@ class Sweep:
 
 
 @dataclass
+class Selection:
+    """Hyperparameter selection on validation data: ``grid`` maps parameters of the detector to the values to
+    try (the others keep the detector's values); ``metric`` (``"auroc"`` or ``"fpr95"``, under the run's
+    positive convention) of the ID validation split against the OOD validation sets, averaged over them,
+    decides. Ties go to the first grid point (grid order)."""
+
+    metric: str = "auroc"
+    grid: dict[str, list] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.metric not in SELECT_METRICS:
+            raise ParameterError("experiment", "select", self.metric, f"is not one of {', '.join(SELECT_METRICS)}")
+
+    def points(self, detector: Detector) -> list[Detector]:
+        """The detector at every point of the grid (cartesian product, grid order), each validated."""
+        known = [f.name for f in detector.params()]
+        for p, values in self.grid.items():
+            if p not in known:
+                raise OodensError(f"grid parameter {p!r} is not a hyperparameter of {detector.name}: expected "
+                                  f"{', '.join(known) or 'none (it has no hyperparameters)'}")
+            if not values:
+                raise ParameterError(detector.name, p, "[]", "is an empty grid: expected at least one value")
+        names = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[p] for p in names)):
+            out.append(type(detector)(**{**detector.settings(), **dict(zip(names, values))}).validate())
+        return out
+
+    def best(self, values: list[float]) -> int:
+        """The index of the best validation metric (the first of ties)."""
+        v = np.asarray(values, dtype=np.float64)
+        return int(np.argmax(v) if METRICS[self.metric].higher_is_better else np.argmin(v))
+
+
+@dataclass
 class DetectorRun:
     detector: str
     strategy: str
@@ -93,14 +167,13 @@ class DetectorRun:
     records: list[dict]
     #: member name (mode names and "ensemble") -> dataset ("id" or OOD name) -> scores
     scores: dict[str, dict[str, np.ndarray]] = field(repr=False)
+    #: with selection: member name (mode names and "ensemble") -> the chosen values and their validation metric
+    selected: dict[str, dict] = field(default_factory=dict)
 
 
-def _set_name(key: str) -> str:
-    return "the ID test split" if key == ID_KEY else key
-
-
-def _std(values) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def _std(values) -> float | None:
+    """Sample std (ddof=1); None (undefined) for fewer than two values: one member, one subset."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
 def subsets(n: int, k: int, max_subsets: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -246,24 +319,43 @@ def _fresh(detector: Detector) -> Detector:
     return type(detector)(**detector.settings())
 
 
-def score_members(detector: Detector, sets: MemberSet) -> tuple[list[Detector], dict[str, dict[str, np.ndarray]]]:
-    """Each member's own fitted detector, and its scores on the ID test split and every OOD set (none for
-    ensemble-only detectors)."""
-    fitted = []
-    for i in range(len(sets.names)):
-        det = _fresh(detector)
-        if det.needs_fit and not det.ensemble_only:
-            det.fit(sets.train[i])
-        fitted.append(det)
-    if detector.ensemble_only:
-        return fitted, {}
-    evals = {ID_KEY: sets.test, **sets.oods}
-    return fitted, {m: {k: fitted[i].score(v[i]) for k, v in evals.items()} for i, m in enumerate(sets.names)}
+class Candidate:
+    """One point of the hyperparameter grid (the detector with those values) on a member set: each member's
+    detector, fitted on first use on its ID-train (and ID-validation) views, and its scores per set, memoised,
+    so every strategy and every subset reuses them. Nothing here runs a network: it reads cached views."""
 
+    def __init__(self, detector: Detector, sets: MemberSet):
+        self.detector, self.sets = detector, sets
+        self._fitted: dict[int, Detector] = {}
+        self._scores: dict[tuple[int, str], np.ndarray] = {}
 
-def score_ensemble(detector: Detector, strategy: str, fitted: list[Detector], sets: MemberSet) -> dict[str, np.ndarray]:
-    """The ensemble's scores on the ID test split and every OOD set under ``strategy``."""
-    return ensemble_scores(strategy, lambda: _fresh(detector), fitted, sets.train, {ID_KEY: sets.test, **sets.oods})
+    def fitted(self, i: int) -> Detector:
+        if i not in self._fitted:
+            det = _fresh(self.detector)
+            if det.needs_fit and not det.ensemble_only:
+                det.fit_splits(self.sets.train[i], self.sets.val[i] if det.reads("val") else None)
+            self._fitted[i] = det
+        return self._fitted[i]
+
+    def score(self, i: int, key: str) -> np.ndarray:
+        """Member ``i``'s scores on the set ``key`` (see :meth:`MemberSet.views`)."""
+        if (i, key) not in self._scores:
+            s = self.fitted(i).score(self.sets.views(key)[i])
+            check_finite(self.detector, self.sets.names[i], {key: s})
+            self._scores[(i, key)] = s
+        return self._scores[(i, key)]
+
+    def ensemble(self, strategy: str, idx, keys: list[str]) -> dict[str, np.ndarray]:
+        """The ensemble of the members ``idx`` under ``strategy`` on the sets ``keys``."""
+        s, sets = STRATEGIES[strategy], self.sets
+        pick = lambda views: [views[i] for i in idx]  # noqa: E731
+        out = ensemble_scores(
+            strategy, lambda: _fresh(self.detector), [self.fitted(i) for i in idx], pick(sets.train),
+            {k: pick(sets.views(k)) for k in keys}, val=pick(sets.val) if sets.val is not None else None,
+            member_scores={k: [self.score(i, k) for i in idx] for k in keys} if s.scores is not None else None,
+            val_scores=[self.score(i, VAL_KEY) for i in idx] if s.needs_val else None)
+        check_finite(self.detector, "ensemble", out)
+        return out
 
 
 def check_finite(detector: Detector, member: str, scores: dict[str, np.ndarray]) -> None:
@@ -280,59 +372,113 @@ def check_finite(detector: Detector, member: str, scores: dict[str, np.ndarray])
                               "hyperparameters)")
 
 
+def _set_name(key: str) -> str:
+    if key == ID_KEY:
+        return "the ID test split"
+    if key == VAL_KEY:
+        return "the ID validation split"
+    return key[len(VAL_OOD):] if key.startswith(VAL_OOD) else key
+
+
+class _Chooser:
+    """Picks a grid point for each member and each ensemble (a tuple of member indices) on the validation sets
+    only; without a :class:`Selection` there is one candidate and nothing is read."""
+
+    def __init__(self, candidates: list[Candidate], strategy: str, positive: str, select: Selection | None):
+        self.candidates, self.strategy, self.positive, self.select = candidates, strategy, positive, select
+
+    def _objective(self, scores: dict[str, np.ndarray]) -> float:
+        keys = self.candidates[0].sets.val_keys
+        return float(np.mean([ood_metrics(scores[VAL_KEY], scores[k], positive=self.positive)[self.select.metric]
+                              for k in keys]))
+
+    def _pick(self, scores_of) -> tuple[Candidate, dict]:
+        if self.select is None or len(self.candidates) == 1 and not self.select.grid:
+            return self.candidates[0], {}
+        keys = [VAL_KEY, *self.candidates[0].sets.val_keys]
+        values = [self._objective(scores_of(c, keys)) for c in self.candidates]
+        best = self.select.best(values)
+        chosen = self.candidates[best].detector
+        return self.candidates[best], {"params": {p: getattr(chosen, p) for p in self.select.grid},
+                                       self.select.metric: values[best]}
+
+    def member(self, i: int) -> tuple[Candidate, dict]:
+        return self._pick(lambda c, keys: {k: c.score(i, k) for k in keys})
+
+    def ensemble(self, idx: tuple[int, ...]) -> tuple[Candidate, dict]:
+        return self._pick(lambda c, keys: c.ensemble(self.strategy, idx, keys))
+
+
 def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None = None, positive: str = "id",
-                      sweep: Sweep | None = None, quality: Quality | None = None) -> DetectorRun:
+                      sweep: Sweep | None = None, quality: Quality | None = None, select: Selection | None = None,
+                      candidates: list[Candidate] | None = None) -> DetectorRun:
     """Score one detector (an instance: its hyperparameters) for every member, for the ensemble under
-    ``strategy`` (the detector's default when None) and for every subset of the sweep; compute every metric."""
+    ``strategy`` (the detector's default when None) and for every subset of the sweep; compute every metric.
+    ``select``: choose grid values on the validation sets per member, for the ensemble and per subset.
+    ``candidates``: the grid's :class:`Candidate` s on ``sets`` when already built (shared by strategies)."""
     strategy = resolve_strategy(type(detector), strategy, leave_out=sets.leave_out)
+    check_members(strategy, len(sets.names))
+    if select is not None and not sets.val_oods:
+        raise OodensError("selection needs OOD validation sets: expected a benchmark with some, or val_ood "
+                          "NAME=PATH (--val-ood)")
     quality = quality or Quality(sets)
+    candidates = candidates or [Candidate(d, sets) for d in (select.points(detector) if select else [detector])]
+    chooser = _Chooser(candidates, strategy, positive, select)
     kinds = sets.kinds
+    evals = [ID_KEY, *sets.oods]
+    per_member, selected = {}, {}
     # numpy's overflow/invalid warnings are replaced by check_finite's one error naming the member and set
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        fitted, per_member = score_members(detector, sets)
-        for m, s in per_member.items():
-            check_finite(detector, m, s)
-        ens = score_ensemble(detector, strategy, fitted, sets)
-        check_finite(detector, "ensemble", ens)
+        for i, m in enumerate([] if detector.ensemble_only else sets.names):
+            cand, selected[m] = chooser.member(i)
+            per_member[m] = {k: cand.score(i, k) for k in evals}
+        cand, selected["ensemble"] = chooser.ensemble(tuple(range(len(sets.names))))
+        ens = cand.ensemble(strategy, range(len(sets.names)), evals)
     metrics = {m: _metrics(s, kinds, positive, quality.shift[m]) for m, s in per_member.items()}
     metrics["ensemble"] = _metrics(ens, kinds, positive, quality.shift["ensemble"])
 
-    base = {"detector": detector.name, "strategy": strategy, "params": dict(detector.settings()),
-            "positive": positive, "n_members": len(sets.names)}
+    params = {**detector.settings(), **(select.grid if select else {})}
+    base = {"detector": detector.name, "strategy": strategy, "params": params, "positive": positive,
+            "n_members": len(sets.names)}
+    chosen = lambda m: {"selected": selected[m]} if selected.get(m) else {}  # noqa: E731
     records = []
     for ood in metrics["ensemble"]:
         row = {**base, "ood": ood, "kind": _row_kind(ood, kinds)}
         if per_member:
             values = {m: {**metrics[m][ood], **quality.rows[m]} for m in sets.names}
             for m in sets.names:
-                records.append({**row, "member": m, "role": "member", "k": 1, **values[m]})
+                records.append({**row, "member": m, "role": "member", "k": 1, **values[m], **chosen(m)})
             keys = list(values[sets.names[0]])
             records.append({**row, "member": "mean", "role": "mean",
                             **{k: float(np.mean([values[m][k] for m in sets.names])) for k in keys}})
             records.append({**row, "member": "std", "role": "std",
                             **{k: _std([values[m][k] for m in sets.names]) for k in keys}})
         records.append({**row, "member": "ensemble", "role": "ensemble", "k": len(sets.names),
-                        **metrics["ensemble"][ood], **quality.rows["ensemble"]})
-    records += _sweep_records(detector, strategy, fitted, sets, positive, sweep, quality, base)
+                        **metrics["ensemble"][ood], **quality.rows["ensemble"], **chosen("ensemble")})
+    records += _sweep_records(detector, strategy, chooser, sets, positive, sweep, quality, base)
 
     scores = {m: {("id" if k == ID_KEY else k): v for k, v in s.items()} for m, s in per_member.items()}
     scores["ensemble"] = {("id" if k == ID_KEY else k): v for k, v in ens.items()}
-    return DetectorRun(detector.name, strategy, base["params"], records, scores)
+    return DetectorRun(detector.name, strategy, params, records, scores, {m: v for m, v in selected.items() if v})
 
 
-def _sweep_records(detector: Detector, strategy: str, fitted: list[Detector], sets: MemberSet, positive: str,
+def _sweep_records(detector: Detector, strategy: str, chooser: _Chooser, sets: MemberSet, positive: str,
                    sweep: Sweep | None, quality: Quality, base: dict) -> list[dict]:
-    """Mean and std over the k-of-N subsets of each metric, for each k of the sweep."""
+    """Mean and std over the k-of-N subsets of each metric, for each k of the sweep (each subset an ensemble
+    with its own choice of grid values under selection)."""
     records = []
+    smallest = max(STRATEGIES[strategy].min_members, 2 if detector.ensemble_only else 1)
+    evals = [ID_KEY, *sets.oods]
     for k in (sweep.sizes if sweep else []):
-        if detector.ensemble_only and k < 2:
+        if k < smallest:
             continue
         chosen = subsets(len(sets.names), k, sweep.max_subsets, sweep.seed)
         per_subset, accs = [], []
         for sub in chosen:
             id_acc, shift_acc = quality.subset(sub)
-            s = score_ensemble(detector, strategy, [fitted[i] for i in sub], sets.subset(sub))
-            check_finite(detector, "ensemble", s)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                cand, _ = chooser.ensemble(sub)
+                s = cand.ensemble(strategy, sub, evals)
             per_subset.append(_metrics(s, sets.kinds, positive, shift_acc))
             accs.append(id_acc)
         for ood in per_subset[0]:
