@@ -351,14 +351,17 @@ def test_every_plot_kind_is_written(store, tmp_path, capsys):
                         "--scores", str(store["scores"]), "--views", str(store["views"]), "--detector", "msp,pds"],
                        capsys)
     assert code == 0, err
-    stems = ["digits-CNN-strip-fpr95", "digits-CNN-strip-auroc", "digits-CNN-size-fpr95", "digits-CNN-size-auroc",
-             "scores-msp-mean-logits-ensemble", "scores-pds-ensemble-ensemble", "reliability-digits"]
+    stems = [f"digits-Digits_CNN-{g}-{kind}-{m}-idpos" for g, kind in (("all", "strip"), ("logit", "size"),
+                                                                      ("disagreement", "size"))
+             for m in ("fpr95", "auroc")]
+    stems += ["digits-Digits_CNN-msp-mean_logits-scores-ensemble", "digits-Digits_CNN-pds-ensemble-scores-ensemble",
+              "digits-Digits_CNN-reliability"]
     for stem in stems:
         for ext in (".png", ".pdf"):
             f = out / f"{stem}{ext}"
             assert f.is_file() and f.stat().st_size > 1000, f
-    assert (out / "digits-CNN-strip-fpr95.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "reliability-digits.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (out / f"{stems[0]}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "digits-Digits_CNN-reliability.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 # --------------------------------------------------------------------------- errors

@@ -223,3 +223,16 @@ def test_strategy_table_puts_each_strategy_beside_the_modes(env, capsys):
                and r["ood"] == "average" and r["strategy"] == "mean-logits"]
     assert cells["msp"][1] == f"{100 * np.mean(members):.1f} ± {100 * np.std(members, ddof=1):.1f}"
     assert cells["energy"][3:] == ["—", "—"]
+
+
+def test_saved_score_folders_with_hyphenated_names_resolve():
+    import pandas as pd
+
+    from oodens.report.tables import split_run
+
+    frame = pd.DataFrame({"detector": ["mahalanobis-ml", "knn"], "strategy": ["mean-scores", "concat"]})
+    assert split_run("mahalanobis-ml-mean-scores", frame) == ("mahalanobis-ml", "mean-scores")
+    assert split_run("knn-concat", frame) == ("knn", "concat")
+    # not in the records: the longest registered detector name that prefixes the folder
+    assert split_run("ash-p-mean-logits", frame.iloc[:0]) == ("ash-p", "mean-logits")
+    assert split_run("ash-mean-scores", frame.iloc[:0]) == ("ash", "mean-scores")

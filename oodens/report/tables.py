@@ -706,7 +706,7 @@ def load_scores(scores_dir: Path, frame: pd.DataFrame, member: str = "ensemble",
     wanted = [safe_name(o) for o in oods] if oods else None
     out = {}
     for run in sorted(p for p in scores_dir.iterdir() if p.is_dir()):
-        if detectors and run.name.split("-", 1)[0] not in detectors:
+        if detectors and split_run(run.name, frame)[0] not in detectors:
             continue
         folder = run / member
         id_file = _id_file(folder, benchmarks)
@@ -724,12 +724,25 @@ def load_scores(scores_dir: Path, frame: pd.DataFrame, member: str = "ensemble",
     return out
 
 
+def split_run(run: str, frame: pd.DataFrame) -> tuple[str, str]:
+    """(detector, strategy) of a saved-scores folder ``<detector>-<strategy>``; both may hold hyphens
+    (``mahalanobis-ml-mean-scores``): matched against the records, else against the registered detector names."""
+    from oodens.detectors import DETECTORS
+
+    pairs = {f"{d}-{s}": (d, s) for d, s in zip(frame["detector"], frame["strategy"])}
+    if run in pairs:
+        return pairs[run]
+    known = [d for d in DETECTORS if run.startswith(d + "-")]
+    det = max(known, key=len) if known else run.partition("-")[0]
+    return det, run[len(det) + 1:]
+
+
 def bootstrap_frame(scores: dict, frame: pd.DataFrame, metrics, n: int, member: str, alpha: float = 0.05,
                     seed: int = 0) -> pd.DataFrame:
     """Bootstrap CIs of each metric, per saved run and OOD set, for one member (convention from the records)."""
     rows = []
     for run, (id_s, by_set) in scores.items():
-        det, _, strat = run.partition("-")
+        det, strat = split_run(run, frame)
         pos = frame.loc[(frame["detector"] == det) & (frame["strategy"] == strat), "positive"]
         positive = pos.iloc[0] if len(pos) else "id"
         for name, ood_s in by_set.items():
