@@ -88,7 +88,7 @@ def ref_scale_row(row, p):
     return [v * factor for v in row]
 
 
-PER_SAMPLE = {"ashp": ref_ash_p_row, "ashb": ref_ash_b_row, "scale": ref_scale_row}
+PER_SAMPLE = {"ash-p": ref_ash_p_row, "ash-b": ref_ash_b_row, "scale": ref_scale_row}
 
 
 def ref_vra(train_h, h, p_low, p_high, gamma):
@@ -253,10 +253,10 @@ def ensemble(name, params, strategy, members, trains, tests):
     return ensemble_scores(strategy, lambda: DETECTORS[name](**params), members, trains, {"id": tests})["id"]
 
 
-# --------------------------------------------------------------------------- per-sample shaping: ashp, ashb, scale
+# --------------------------------------------------------------------------- per-sample shaping: ash-p, ash-b, scale
 
 
-@pytest.mark.parametrize("name,p", [("ashp", 60.0), ("ashp", 90.0), ("ashb", 65.0), ("ashb", 90.0),
+@pytest.mark.parametrize("name,p", [("ash-p", 60.0), ("ash-p", 90.0), ("ash-b", 65.0), ("ash-b", 90.0),
                                     ("scale", 85.0), ("scale", 65.0)])
 def test_per_sample_shaping_matches_loops(name, p):
     rng = np.random.default_rng(int(p) + len(name))
@@ -267,8 +267,8 @@ def test_per_sample_shaping_matches_loops(name, p):
 
 
 def test_per_sample_shaping_defaults():
-    assert DETECTORS["ashp"]().p == 60.0 and DETECTORS["ashb"]().p == 65.0 and DETECTORS["scale"]().p == 85.0
-    assert not any(DETECTORS[n].needs_fit for n in ("ashp", "ashb", "scale"))
+    assert DETECTORS["ash-p"]().p == 60.0 and DETECTORS["ash-b"]().p == 65.0 and DETECTORS["scale"]().p == 85.0
+    assert not any(DETECTORS[n].needs_fit for n in ("ash-p", "ash-b", "scale"))
 
 
 def test_ash_b_ties_go_to_the_lower_index():
@@ -278,7 +278,7 @@ def test_ash_b_ties_go_to_the_lower_index():
                   [0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
     W = np.eye(10)[:4] + 0.1
     b = np.zeros(4)
-    got = DETECTORS["ashb"](p=65.0).score(Views(features=h, weight=W, bias=b))
+    got = DETECTORS["ash-b"](p=65.0).score(Views(features=h, weight=W, bias=b))
     # row 0 keeps 0, 4, 1, 3 (the two 1.0s of lowest index); row 1 keeps 2, 6, 0, 1; each set to sum / 4
     shaped = np.zeros_like(h)
     shaped[0, [0, 1, 3, 4]] = h[0].sum() / 4
@@ -296,11 +296,11 @@ def test_scale_keeps_every_activation_and_ash_p_prunes():
     assert (shaped > 0).all()  # nothing pruned
     factor = shaped / v.features
     close(factor, np.repeat(factor[:, :1], 20, axis=1), rtol=1e-12)  # one factor per sample
-    pruned = DETECTORS["ashp"](p=85.0).member_logits(views)
+    pruned = DETECTORS["ash-p"](p=85.0).member_logits(views)
     assert ((pruned != 0).sum(axis=1) == 20 - round(20 * 0.85)).all()
 
 
-# --------------------------------------------------------------------------- fitted shaping: vra, reactdice
+# --------------------------------------------------------------------------- fitted shaping: vra, react-dice
 
 
 @pytest.mark.parametrize("p_low,p_high,gamma", [(60.0, 90.0, 0.0), (60.0, 95.0, 0.6), (10.0, 50.0, 0.3)])
@@ -324,7 +324,7 @@ def test_reactdice_matches_loops(p, react_p):
     rng = np.random.default_rng(int(p))
     train, v = shaping_member(rng, D=16, C=4)
     ref = energy_rows(ref_react_dice_logits(train.features, v.features, v.weight, v.bias, p, react_p))
-    det = DETECTORS["reactdice"](p=p, react_p=react_p).fit(train)
+    det = DETECTORS["react-dice"](p=p, react_p=react_p).fit(train)
     close(det.score(v), ref)
     assert (v.features > det.clip_).any()  # the clipping matters
     # distinct contributions: the entries above the interpolated percentile at rank p/100 * 63
@@ -332,19 +332,19 @@ def test_reactdice_matches_loops(p, react_p):
 
 
 def test_reactdice_defaults_and_its_parts():
-    det = DETECTORS["reactdice"]()
+    det = DETECTORS["react-dice"]()
     assert (det.p, det.react_p) == (10.0, 90.0)
     rng = np.random.default_rng(8)
     train, v = shaping_member(rng)
-    both = DETECTORS["reactdice"](p=70.0, react_p=90.0).fit(train)
+    both = DETECTORS["react-dice"](p=70.0, react_p=90.0).fit(train)
     react = DETECTORS["react"](p=90.0).fit(train)
     dice = DETECTORS["dice"](p=70.0).fit(train)
     assert both.clip_ == react.clip_
     assert np.array_equal(both.mask_, dice.mask_)
 
 
-SHAPING = [("ashp", {"p": 60.0}), ("ashb", {"p": 65.0}), ("scale", {"p": 85.0}),
-           ("vra", {"p_low": 60.0, "p_high": 95.0, "gamma": 0.4}), ("reactdice", {"p": 30.0, "react_p": 90.0})]
+SHAPING = [("ash-p", {"p": 60.0}), ("ash-b", {"p": 65.0}), ("scale", {"p": 85.0}),
+           ("vra", {"p_low": 60.0, "p_high": 95.0, "gamma": 0.4}), ("react-dice", {"p": 30.0, "react_p": 90.0})]
 
 
 def ref_shaped_logits(name, params, train: Views, v: Views) -> np.ndarray:
@@ -541,14 +541,14 @@ def test_openmax_ensemble_is_mean_scores():
 
 
 @pytest.mark.parametrize("name,params,param,message", [
-    ("ashp", {"p": 100.0}, "p", r"^p=100 is out of range: expected a percentile in \[0, 100\)$"),
-    ("ashb", {"p": -5.0}, "p", r"^p=-5 is out of range"),
+    ("ash-p", {"p": 100.0}, "p", r"^p=100 is out of range: expected a percentile in \[0, 100\)$"),
+    ("ash-b", {"p": -5.0}, "p", r"^p=-5 is out of range"),
     ("scale", {"p": float("inf")}, "p", r"^p=inf is out of range"),
     ("vra", {"p_low": 90.0, "p_high": 90.0}, "p_low", r"^p_low=90 is out of range: expected p_low < p_high = 90$"),
     ("vra", {"p_high": 100.0}, "p_high", r"^p_high=100 is out of range"),
     ("vra", {"gamma": -0.1}, "gamma", r"^gamma=-0.1 is out of range: expected a finite number >= 0$"),
-    ("reactdice", {"react_p": 100.0}, "react_p", r"^react_p=100 is out of range"),
-    ("reactdice", {"p": -1.0}, "p", r"^p=-1 is out of range"),
+    ("react-dice", {"react_p": 100.0}, "react_p", r"^react_p=100 is out of range"),
+    ("react-dice", {"p": -1.0}, "p", r"^p=-1 is out of range"),
     ("gen", {"gamma": 0.0}, "gamma", r"^gamma=0 is out of range: expected a finite number > 0$"),
     ("gen", {"top_m": 0}, "top_m", r"^top_m=0 is out of range: expected an integer >= 1$"),
     ("gen", {"top_m": 2.5}, "top_m", r"^top_m=2.5 is out of range"),
@@ -562,7 +562,7 @@ def test_parameter_errors(name, params, param, message):
     assert (info.value.owner, info.value.param) == (name, param)
 
 
-@pytest.mark.parametrize("name", ["ashp", "ashb", "scale"])
+@pytest.mark.parametrize("name", ["ash-p", "ash-b", "scale"])
 def test_pruning_every_feature_names_the_detector(name):
     _, v = shaping_member(np.random.default_rng(16), D=24)
     with pytest.raises(ParameterError, match=r"^p=99 prunes every feature") as info:

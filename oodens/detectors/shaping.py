@@ -133,7 +133,7 @@ class ReActDICE(ShapingDetector):
     ``bias_`` (the training views' final layer, which scoring uses), ``n_features_in_``.
     """
 
-    name = "reactdice"
+    name = "react-dice"
     needs_fit = True
     p: float = param(10.0, "DICE sparsity percentile p (of the contributions f_bar * W)")
     react_p: float = param(90.0, "ReAct clipping percentile (of all ID-train activations)")
@@ -238,13 +238,13 @@ def _sharpening(h: np.ndarray, pruned: np.ndarray) -> np.ndarray:
     return np.exp(s1 / np.where(s2 == 0, 1.0, s2))[:, None]
 
 
-def ash_p(h: np.ndarray, p: float, owner: str = "ashp") -> np.ndarray:
+def ash_p(h: np.ndarray, p: float, owner: str = "ash-p") -> np.ndarray:
     """ASH-P on each row: keep the top D - round(D p / 100) values, zero the rest."""
     h, keep = top_k_mask(h, p, owner)
     return np.where(keep, h, 0.0)
 
 
-def ash_b(h: np.ndarray, p: float, owner: str = "ashb") -> np.ndarray:
+def ash_b(h: np.ndarray, p: float, owner: str = "ash-b") -> np.ndarray:
     """ASH-B on each row: the kept positions (top D - round(D p / 100)) all set to sum(row) / kept, the
     rest zero."""
     h, keep = top_k_mask(h, p, owner)
@@ -308,7 +308,7 @@ class ASHP(SampleShaping):
     ICLR 2023. p = 60, the paper's ASH-P setting on ImageNet (ResNet-50); OpenOOD v1.5 has no ASH-P.
     """
 
-    name = "ashp"
+    name = "ash-p"
     p: float = param(60.0, "ASH-P pruning percentile p")
 
     def shape(self, h):
@@ -327,7 +327,7 @@ class ASHB(SampleShaping):
     unit index (OpenOOD: whichever ``torch.topk`` returns).
     """
 
-    name = "ashb"
+    name = "ash-b"
     p: float = param(65.0, "ASH-B pruning percentile p")
 
     def shape(self, h):
