@@ -140,7 +140,7 @@ def test_tempscale_in_an_experiment_fits_on_the_validation_split(two_modes, tmp_
     for m in ("seed-1000", "seed-1100"):
         with pytest.warns(oodens.OodensWarning):
             t = fit_temperature(np.asarray(v[m].val.logits), np.asarray(v[m].val.labels))
-        assert t == 0.01
+        assert t == 1.0  # nothing to calibrate: plain MSP
         z = np.asarray(v[m].test.logits, dtype=np.float64) / t
         p = np.exp(z - z.max(1, keepdims=True))
         np.testing.assert_allclose(res.runs[0].scores[m]["id"], (p / p.sum(1, keepdims=True)).max(1), rtol=1e-9)

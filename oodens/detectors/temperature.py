@@ -27,7 +27,9 @@ def nll(z: np.ndarray, y: np.ndarray, t: float) -> float:
 
 def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
     """argmin_T NLL(softmax(z / T), y) over T in [1/100, 100] (bounded Brent search on log T; the NLL is convex
-    in 1/T, so the minimum is the global one)."""
+    in 1/T, so the minimum is the global one). When every sample is classified right the NLL keeps falling as
+    T -> 0 and has no minimum: nothing can be calibrated (typically a hold-out the network was trained on), so
+    T = 1 (plain MSP), with an :class:`OodensWarning` saying why."""
     z = np.asarray(z, dtype=np.float64)
     y = np.asarray(y, dtype=np.int64)
     bound = float(np.log(T_RANGE))
@@ -35,10 +37,10 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
                           options={"xatol": 1e-8})
     t = float(np.exp(res.x))
     if nll(z, y, 1.0 / T_RANGE) <= nll(z, y, t):  # no interior minimum: every sample classified right
-        warnings.warn(f"tempscale: the NLL of the ID validation split decreases down to T = {1 / T_RANGE:g} (every "
-                      f"sample is classified right, so no temperature minimises it): T = {1 / T_RANGE:g}, and the "
-                      "scores saturate", OodensWarning, stacklevel=2)
-        t = 1.0 / T_RANGE
+        warnings.warn("tempscale: no temperature minimises the NLL of the ID validation split (every sample is "
+                      "classified right, as on a hold-out the network was trained on): T = 1, plain MSP",
+                      OodensWarning, stacklevel=2)
+        t = 1.0
     return t
 
 
