@@ -162,20 +162,25 @@ class ModeViews:
 DetectorLike = Union[str, Detector, type]
 
 
-def make_detector(spec: DetectorLike) -> Detector:
-    """A detector instance from a registry name (default hyperparameters), a class or an instance."""
+def make_detector(spec: DetectorLike, benchmark: str | None = None, fit_fraction: float = 1.0) -> Detector:
+    """A detector instance from a registry name or a class (default hyperparameters, with the paper defaults
+    of ``benchmark`` where they differ: :mod:`oodens.detectors.defaults`), or an instance (as it is)."""
+    from oodens.detectors.defaults import benchmark_defaults
+
     if isinstance(spec, Detector):
         return spec
-    if isinstance(spec, type) and issubclass(spec, Detector):
-        return spec()
     if isinstance(spec, str):
-        return get_detector(spec)()
+        spec = get_detector(spec)
+    if isinstance(spec, type) and issubclass(spec, Detector):
+        return spec(**benchmark_defaults(spec.name, benchmark, fit_fraction))
     raise OodensError(f"detector {spec!r}: expected a registry name (one of {', '.join(DETECTORS)}), a Detector "
                       "class or a Detector instance")
 
 
-def detector_list(detectors: DetectorLike | Sequence[DetectorLike]) -> list[Detector]:
-    """``"msp"``, ``"msp,knn"``, ``"all"``, a detector, or a list of them -> validated instances, in order."""
+def detector_list(detectors: DetectorLike | Sequence[DetectorLike], benchmark: str | None = None,
+                  fit_fraction: float = 1.0) -> list[Detector]:
+    """``"msp"``, ``"msp,knn"``, ``"all"``, a detector, or a list of them -> validated instances, in order
+    (names and classes with ``benchmark``'s paper defaults, see :func:`make_detector`)."""
     if isinstance(detectors, str):
         names = [s.strip() for s in detectors.split(",") if s.strip()]
         if not names:
@@ -183,7 +188,7 @@ def detector_list(detectors: DetectorLike | Sequence[DetectorLike]) -> list[Dete
         detectors = list(DETECTORS) if names == ["all"] else list(dict.fromkeys(names))
     elif not isinstance(detectors, (list, tuple)):
         detectors = [detectors]
-    out = [make_detector(d) for d in detectors]
+    out = [make_detector(d, benchmark, fit_fraction) for d in detectors]
     for d in out:
         d.validate()
     return out
@@ -294,7 +299,7 @@ class Experiment:
         ``distributed``: under torchrun, ranks share each pass and rank 0 writes (the others get ``None``)."""
         from oodens.views.extract import extract as run_extract
 
-        dets = detector_list(detectors) if detectors else []
+        dets = self.detectors(detectors) if detectors else []
         specs = [s for d in dets for s in d.view_specs()]
         sources = self.sources(train, validation, val_ood and validation)
         kw = dict(specs=specs, base_only=[self.fit_source(validation)] if train else [], **self.run_options)
@@ -329,6 +334,11 @@ class Experiment:
                          {o: [ex.get(m, s) for m in names] for o, s in self.val_oods.items()} if val_ood else {})
 
     # ---- detectors -> ensemble -> metrics
+    def detectors(self, detectors: DetectorLike | Sequence[DetectorLike]) -> list[Detector]:
+        """Instances of ``detectors``: names and classes with this benchmark's paper defaults (ODIN ε = 0, DICE
+        p = 70 and knn k = 1000 × fit fraction on ImageNet; :mod:`oodens.detectors.defaults`), instances as given."""
+        return detector_list(detectors, self.benchmark.name, self.fit_fraction)
+
     def applicable(self, detectors: list[Detector], strict: bool) -> list[Detector]:
         """The detectors that apply to these modes; one that does not is an error when ``strict``, else
         skipped with an :class:`OodensWarning` (how ``"all"`` behaves)."""
@@ -375,7 +385,7 @@ class Experiment:
         if skip_inapplicable is None:
             skip_inapplicable = isinstance(detectors, str) and detectors.strip() == "all"
         strict = not skip_inapplicable
-        dets = detector_list(detectors)
+        dets = self.detectors(detectors)
         selections = self._selections(dets, select, grid)
         sweep = Sweep(parse_ensemble_sizes(ensemble_sizes, len(self.modes)), max_subsets, subset_seed)
         dets = self.applicable(dets, strict)

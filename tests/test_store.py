@@ -236,3 +236,14 @@ def test_saved_score_folders_with_hyphenated_names_resolve():
     # not in the records: the longest registered detector name that prefixes the folder
     assert split_run("ash-p-mean-logits", frame.iloc[:0]) == ("ash-p", "mean-logits")
     assert split_run("ash-mean-scores", frame.iloc[:0]) == ("ash", "mean-scores")
+
+
+def test_captions_name_the_hyperparameters_in_force(env, capsys):
+    modes = env / "m"
+    copy_modes(modes, ["seed-1000", "seed-1100"])
+    assert run(["eval", "--modes", str(modes), "--detector", "odin,knn", "--odin-eps", "0.002", "--json"],
+               capsys)[0] == 0
+    code, out, err = run(["report", "--markdown", "--tables", "ood", "--metric", "auroc"], capsys)
+    assert code == 0, err
+    caption = out.strip().splitlines()[-1]
+    assert "Hyperparameters: odin temperature=1000, eps=0.002, eps_space=normalized; knn k=50." in caption

@@ -13,12 +13,13 @@ from oodens.cli.options import (ResultsOpt, expect_folder, experiment, names, st
 from oodens.detectors import DETECTORS
 
 
-def _detectors(spec: str, flags: dict) -> tuple[list, dict]:
+def _detectors(spec: str, flags: dict, benchmark: str | None = None, fit_fraction: float = 1.0) -> tuple[list, dict]:
     """``--detector`` (a name, a comma list or 'all') -> (instances with their ``--<detector>-<param>`` values,
-    the grids: detector -> parameter -> values, for the flags given a comma list)."""
+    the grids: detector -> parameter -> values, for the flags given a comma list). A hyperparameter whose flag is
+    not given takes the detector's default for ``benchmark`` (:func:`oodens.api.make_detector`)."""
     import typing
 
-    from oodens.api import detector_list
+    from oodens.api import detector_list, make_detector
     from oodens.cli.options import detector_flag, detector_option_name, parse_grid
 
     wanted = names(spec)
@@ -27,9 +28,11 @@ def _detectors(spec: str, flags: dict) -> tuple[list, dict]:
     dets, grids = [], {}
     for n in dict.fromkeys(picked):
         cls, hints = DETECTORS[n], typing.get_type_hints(DETECTORS[n])
-        values = {f.name: parse_grid(detector_flag(n, f.name), flags[detector_option_name(n, f.name)], hints[f.name], f.default)
-                  for f in cls.params()}
-        dets.append(cls(**{p: v[0] for p, v in values.items()}))
+        given = {f.name: flags[detector_option_name(n, f.name)] for f in cls.params()}
+        values = {p: parse_grid(detector_flag(n, p), text, hints[p], None) for p, text in given.items()
+                  if text is not None}
+        base = make_detector(n, benchmark, fit_fraction).settings()
+        dets.append(cls(**{**base, **{p: v[0] for p, v in values.items()}}))
         grid = {p: v for p, v in values.items() if len(v) > 1}
         if grid:
             grids[n] = grid
@@ -92,16 +95,18 @@ def eval_cmd(
     """
     from oodens.errors import OodensError
     from oodens.report.tables import detector_tables, render_rich, summary_table
-    from oodens.runtime.paths import default_cache_dir, default_results_dir
+    from oodens.runtime.paths import default_cache_dir, default_results_dir, mode_set_name
 
     results_dir = results or default_results_dir()
     for flag, path in (("--cache-dir", options["cache_dir"] or default_cache_dir()), ("--results", results_dir),
                        ("--save-scores", save_scores)):
         expect_folder(flag, path)  # before any work
-    dets, grids = _detectors(detector, options)  # hyperparameters checked before any work
+    _, grids = _detectors(detector, options)  # hyperparameters checked before any work
     _check_grids(grids, select)
     with warnings_to_stderr():
         exp = experiment({**options, "val_ood": val_ood})
+        # the same flags, with the benchmark's paper defaults for the hyperparameters not given
+        dets, grids = _detectors(detector, options, exp.benchmark.name, exp.fit_fraction)
         res = exp.evaluate(dets, strategy=strategy, positive=positive, ensemble_sizes=ensemble_size,
                            max_subsets=max_subsets, subset_seed=subset_seed, skip_inapplicable=names(detector) == ["all"],
                            select=select, grid=grids)
@@ -112,8 +117,8 @@ def eval_cmd(
         print(json.dumps(res.records, indent=2), flush=True)
     else:
         n = len(exp.modes)
-        stdout.print(f"[bold]{exp.benchmark.name}[/] · {n} mode{'s' if n != 1 else ''} of {exp.modes.arch} from "
-                     f"{exp.modes.path.resolve()}")
+        stdout.print(f"[bold]{exp.benchmark.name}[/] · {mode_set_name(exp.modes.path)} ({n} mode{'s' if n != 1 else ''} "
+                     f"of {exp.modes.arch})", highlight=False)
         frame = res.wide()
         for table in [summary_table(frame)] if summary else detector_tables(frame):
             stdout.print(render_rich(table))

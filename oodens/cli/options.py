@@ -157,8 +157,10 @@ def grid_capable(hint) -> bool:
 def with_detector_options(func):
     """Add ``--<detector>-<param>`` options for every registered detector hyperparameter (to a command
     taking ``**options``). A number or word hyperparameter takes one value or a comma list (a grid for
-    ``--select``), parsed by :func:`parse_grid`; its default shows in ``--help``."""
+    ``--select``), parsed by :func:`parse_grid`; not given, it is None and the detector gets its default (the
+    benchmark's paper default where one is set, :mod:`oodens.detectors.defaults`), both shown in ``--help``."""
     from oodens.detectors import DETECTORS
+    from oodens.detectors.defaults import describe
 
     extra = []
     for cls in DETECTORS.values():
@@ -166,9 +168,11 @@ def with_detector_options(func):
         for f in cls.params():
             flag, help_text = detector_flag(cls.name, f.name), f.metadata.get("help", "")
             if grid_capable(hints[f.name]):
-                option = typer.Option(str(f.default), flag, help=help_text + " (a comma list: a grid for --select)",
-                                      rich_help_panel="Detector hyperparameters")
-                annotation = str
+                per_bench = describe(cls.name, f.name)
+                default = f"\\[default: {f.default}{'; ' + per_bench if per_bench else ''}]"  # \[: not rich markup
+                option = typer.Option(None, flag, help=f"{help_text} (a comma list: a grid for --select) {default}",
+                                      rich_help_panel="Detector hyperparameters", show_default=False)
+                annotation = Optional[str]
             else:
                 option = typer.Option(f.default, flag, help=help_text, rich_help_panel="Detector hyperparameters")
                 annotation = hints[f.name]

@@ -267,9 +267,23 @@ def averages_note(sub: pd.DataFrame) -> str:
     return ("; ".join(parts) + ". ") if parts else ""
 
 
+def params_note(sub: pd.DataFrame) -> str:
+    """The hyperparameters in force, for a caption (``Hyperparameters: odin eps=0.0014, eps_space=normalized,
+    temperature=1000; knn k=50.``): they change with the benchmark (:mod:`oodens.detectors.defaults`) and the
+    flags, and a table must say which were used."""
+    seen = {}
+    for s in _setting_order(sub):
+        row = sub[sub["setting"] == s].iloc[0]
+        params = json.loads(row["params"])
+        if params:
+            seen.setdefault(f"{row['detector']} " + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                              for k, v in params.items()), None)
+    return ("Hyperparameters: " + "; ".join(seen) + ". ") if seen else ""
+
+
 def _caption(positive: str, sub: pd.DataFrame) -> str:
     return (f"{CONVENTION[positive]}. Values in %; mean ± std over modes (sample std); ensemble (N): the N modes "
-            f"combined with the detector's strategy. {averages_note(sub)}").strip()
+            f"combined with the detector's strategy. {averages_note(sub)}{params_note(sub)}").strip()
 
 
 def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
