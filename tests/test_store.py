@@ -247,3 +247,24 @@ def test_captions_name_the_hyperparameters_in_force(env, capsys):
     assert code == 0, err
     caption = out.strip().splitlines()[-1]
     assert "Hyperparameters: odin temperature=1000, eps=0.002, eps_space=normalized; knn k=50." in caption
+
+
+def test_many_members_collapse_into_mean_and_range(env, capsys, monkeypatch):
+    from oodens.report import tables
+
+    modes = env / "m"
+    copy_modes(modes, ["seed-1000", "seed-1100", "seed-1200"])
+    assert run(["eval", "--modes", str(modes), "--detector", "energy", "--json"], capsys)[0] == 0
+    records = [r for f in (env / "res" / "runs").glob("*.json") for r in json.loads(f.read_text())["records"]]
+    code, out, _ = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95"], capsys)
+    assert "seed-1000" in out and "min–max" not in out  # 3 members: listed
+    monkeypatch.setattr(tables, "MEMBER_ROWS_MAX", 2)  # as 50 heads would: collapsed by default
+    for args in ([], ["--no-members"]):
+        code, out, _ = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95", *args], capsys)
+        assert code == 0 and "seed-1000" not in out
+        row = [line for line in out.splitlines() if "min–max (3)" in line][0]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        values = [r["fpr95"] for r in records if r["role"] == "member" and r["ood"] == "letters"]
+        assert cells[3] == f"{100 * min(values):.1f}–{100 * max(values):.1f}"  # detector, member, digits-6789, letters
+    code, out, _ = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95", "--members"], capsys)
+    assert "seed-1000" in out and "min–max" not in out

@@ -77,6 +77,9 @@ def eval_cmd(
     save_scores: Optional[Path] = typer.Option(None, "--save-scores", help="Write per-sample scores to "
                                                "DIR/<detector>-<strategy>/<member>/<dataset>.npy.",
                                                show_default=False),
+    members: Optional[bool] = typer.Option(None, "--members/--no-members", help="List every member in the "
+                                           "tables (default: up to 10; more collapse into mean ± std and min–max).",
+                                           show_default=False),
     results: Optional[Path] = ResultsOpt,
     ensemble_size: Optional[str] = typer.Option(None, "--ensemble-size", help="Also score every k-of-N subset of "
                                                 "the modes (k, a comma list, or 'all' for 1..N) and report mean ± std "
@@ -120,7 +123,7 @@ def eval_cmd(
         stdout.print(f"[bold]{exp.benchmark.name}[/] · {mode_set_name(exp.modes.path)} ({n} mode{'s' if n != 1 else ''} "
                      f"of {exp.modes.arch})", highlight=False)
         frame = res.wide()
-        for table in [summary_table(frame)] if summary else detector_tables(frame):
+        for table in [summary_table(frame)] if summary else detector_tables(frame, members):
             stdout.print(render_rich(table))
     failed = []
     try:

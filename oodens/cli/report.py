@@ -55,6 +55,9 @@ def report_cmd(
     bootstrap: int = typer.Option(0, "--bootstrap", min=0, help="Bootstrap resamples for CIs of the member's "
                                   "metrics from --scores (0: none)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    members: Optional[bool] = typer.Option(None, "--members/--no-members", help="List every member in the "
+                                           "tables (default: up to 10; more collapse into mean ± std and min–max).",
+                                           show_default=False),
     all_runs: bool = typer.Option(False, "--all-runs", help="Also show runs of mode sets that were superseded (the "
                                   "folder's modes changed since; by default only each folder's latest mode set)."),
     views: Optional[Path] = typer.Option(None, "--views", help="Exported views (the DIR of extract --export) for "
@@ -104,15 +107,15 @@ def report_cmd(
 
     built: list[Table] = []
     if "ood" in kinds:
-        built += ood_tables(frame, table_metrics, wanted_oods, group_by)
+        built += ood_tables(frame, table_metrics, wanted_oods, group_by, members)
     if "stats" in kinds:
         built += stats_tables(frame, table_metrics, wanted_oods, alpha)
     if "strategy" in kinds:
         built += strategy_tables(frame, table_metrics, wanted_oods)
     if "id" in kinds:
-        built += quality_tables(frame)
+        built += quality_tables(frame, members)
     if "shift" in kinds:
-        built += shift_tables(frame)
+        built += shift_tables(frame, members)
     if "size" in kinds:
         built += size_tables(frame, table_metrics, wanted_oods)
     if boot is not None:

@@ -239,8 +239,25 @@ def ood_columns(sub: pd.DataFrame, wanted: Optional[list[str]] = None) -> list[s
             + [o for o in ("near", "far", "average") if o in order])
 
 
-def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]]) -> list[list[str]]:
-    """[label, *cells] for each mode, mean ± std over modes and the ensemble; ``cells`` = (metric, ood) pairs."""
+#: above this many members, tables show their mean ± std and min–max instead of a row each (``--members``)
+MEMBER_ROWS_MAX = 10
+
+
+def show_members(n: int, members: Optional[bool] = None) -> bool:
+    """Whether tables list every member: ``members`` when given (``--members/--no-members``), else up to
+    :data:`MEMBER_ROWS_MAX` members (50 SED heads collapse into their mean ± std and min–max)."""
+    return members if members is not None else n <= MEMBER_ROWS_MAX
+
+
+def fmt_range(values, metric: str) -> str:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return f"{fmt(v.min(), metric)}–{fmt(v.max(), metric)}" if len(v) else "—"
+
+
+def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]], members: Optional[bool] = None) -> list[list[str]]:
+    """[label, *cells] for each mode (or, when :func:`show_members` says no, their min–max), mean ± std over
+    modes and the ensemble; ``cells`` = (metric, ood) pairs."""
     modes = block[block["role"] == "member"]
     rows = []
     mats = {m: modes.pivot_table(index="member", columns="ood", values=m, aggfunc="first", dropna=False)
@@ -250,10 +267,14 @@ def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]]) -> list[list
         return fmt(mat.at[name, ood], metric) if name in mat.index and ood in mat.columns else "—"
 
     names = sorted(modes["member"].unique())
-    for name in names:
+    listed = show_members(len(names), members)
+    for name in names if listed else []:
         rows.append([name] + [cell(mats[m], name, o, m) for m, o in cells])
     if len(names) > 1:
-        rows.append(["mean ± std"] + [fmt_mean_std(mats[m][o] if o in mats[m].columns else [], m) for m, o in cells])
+        column = lambda m, o: mats[m][o] if o in mats[m].columns else []  # noqa: E731
+        rows.append(["mean ± std"] + [fmt_mean_std(column(m, o), m) for m, o in cells])
+        if not listed:
+            rows.append([f"min–max ({len(names)})"] + [fmt_range(column(m, o), m) for m, o in cells])
     ens = block[block["role"] == "ensemble"].set_index("ood")
     if len(ens):
         rows.append([f"ensemble ({int(ens['n_members'].iloc[0])})"]
@@ -287,9 +308,10 @@ def _caption(positive: str, sub: pd.DataFrame) -> str:
 
 
 def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list[str]] = None,
-               group_by: str = "metric") -> list[Table]:
+               group_by: str = "metric", members: Optional[bool] = None) -> list[Table]:
     """The papers' OOD table. ``group_by="metric"``: one table per metric, rows = detector x member,
-    columns = OOD sets; ``"detector"``: one table per detector, rows = metric x OOD set, columns = members."""
+    columns = OOD sets; ``"detector"``: one table per detector, rows = metric x OOD set, columns = members.
+    ``members``: list every member (default: up to :data:`MEMBER_ROWS_MAX`, see :func:`show_members`)."""
     out = []
     for title, info, sub in families(frame):
         cols = ood_columns(sub, oods)
@@ -300,13 +322,13 @@ def ood_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional[list
         if group_by == "metric":
             for m in metrics:
                 rows = [[labels[s], *r] for s in settings for r in _member_rows(sub[sub["setting"] == s],
-                                                                                 [(m, o) for o in cols])]
+                                                                                 [(m, o) for o in cols], members)]
                 out.append(Table("ood", f"{LABELS[m]} {arrow(m)} ({CONVENTION_TAG[info['positive']]}) · {title}", _caption(info["positive"], sub),
                                  pd.DataFrame(rows, columns=["detector", "member", *cols]), 2))
         else:  # members as columns, metric x OOD set as rows
             pairs = [(m, o) for m in metrics for o in cols]
             for s in settings:
-                rows = _member_rows(sub[sub["setting"] == s], pairs)
+                rows = _member_rows(sub[sub["setting"] == s], pairs, members)
                 wide = pd.DataFrame([r[1:] for r in rows], index=[r[0] for r in rows]).T
                 wide.insert(0, "OOD set", cols * len(metrics))
                 wide.insert(0, "metric", [f"{LABELS[m]} {arrow(m)}" for m, _ in pairs])
@@ -441,19 +463,19 @@ def strategy_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional
     return out
 
 
-def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]]) -> list[list[str]]:
+def _quality_rows(sub: pd.DataFrame, columns: list[tuple[str, str]], members: Optional[bool] = None) -> list[list[str]]:
     """Rows (modes, mean ± std, ensemble) of per-member quantities that do not depend on the detector:
     ``columns`` = (metric, ood) pairs; the first record of each member and OOD set is used."""
     sub = sub[sub["role"].isin(["member", "ensemble"])]
     by_member = sub.drop_duplicates(["role", "member", "ood"])
-    return _member_rows(by_member.assign(setting="", n_members=by_member["n_members"].max()), columns)
+    return _member_rows(by_member.assign(setting="", n_members=by_member["n_members"].max()), columns, members)
 
 
-def quality_tables(frame: pd.DataFrame) -> list[Table]:
+def quality_tables(frame: pd.DataFrame, members: Optional[bool] = None) -> list[Table]:
     """ID quality and calibration per mode, mean ± std and ensemble: accuracy, NLL, Brier, ECE."""
     out = []
     for title, info, sub in families(frame, MODE_SET):
-        rows = _quality_rows(sub.assign(ood="ID test"), [(m, "ID test") for m in QUALITY])
+        rows = _quality_rows(sub.assign(ood="ID test"), [(m, "ID test") for m in QUALITY], members)
         head = ["member"] + [LABELS[m] + ("" if m in NOT_PERCENT else " %") + f" {arrow(m)}" for m in QUALITY]
         caption = (f"ID test set of {info['benchmark']}. Accuracy and ECE in % (ECE: {cal.ECE_BINS} equal-width "
                    "bins), NLL in nats, Brier = mean sum of squares over classes. " + _ensemble_note(sub, quality=True))
@@ -472,7 +494,7 @@ def _ensemble_note(sub: pd.DataFrame, quality: bool) -> str:
     return "Ensemble: argmax of the averaged logits."
 
 
-def shift_tables(frame: pd.DataFrame) -> list[Table]:
+def shift_tables(frame: pd.DataFrame, members: Optional[bool] = None) -> list[Table]:
     """Accuracy under covariate shift: the clean ID test, each corrupted set, and C-1..C-5 severity averages."""
     out = []
     for title, info, sub in families(frame, MODE_SET):
@@ -483,7 +505,7 @@ def shift_tables(frame: pd.DataFrame) -> list[Table]:
         sev = sorted(dict.fromkeys(shift.loc[shift["kind"] == "shift-average", "ood"]))
         clean = sub.assign(ood="clean", ood_accuracy=sub["id_accuracy"])
         both = pd.concat([clean.drop_duplicates(["role", "member"]), shift], ignore_index=True)
-        rows = _quality_rows(both, [("ood_accuracy", o) for o in ["clean", *sets, *sev]])
+        rows = _quality_rows(both, [("ood_accuracy", o) for o in ["clean", *sets, *sev]], members)
         wide = pd.DataFrame(rows, columns=["member", "clean", *[o.split("/", 1)[-1] for o in sets], *sev])
         wide = wide.set_index("member").T.rename_axis(None, axis=1).rename_axis("set").reset_index()
         caption = ("Accuracy in % on the ID test set (clean) and its corrupted copies (rows); C-s: mean over the "
@@ -558,9 +580,10 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def detector_tables(frame: pd.DataFrame) -> list[Table]:
-    """``oodens eval``'s tables, one per detector x strategy: per OOD set a row per mode, mean ± std,
-    the ensemble and the ensemble-size sweep (k=..), with every OOD metric and ID accuracy as columns."""
+def detector_tables(frame: pd.DataFrame, members: Optional[bool] = None) -> list[Table]:
+    """``oodens eval``'s tables, one per detector x strategy: per OOD set a row per mode (or their min–max, see
+    :func:`show_members`), mean ± std, the ensemble and the ensemble-size sweep (k=..), with every OOD metric
+    and ID accuracy as columns."""
     out = []
     for _, block in frame.groupby("setting", sort=False):
         first = block.iloc[0]
@@ -569,13 +592,19 @@ def detector_tables(frame: pd.DataFrame) -> list[Table]:
         heads = [f"{LABELS[c] if c != 'id_accuracy' else 'ID acc'} {arrow(c)}" for c in columns]
         heads = [h.replace("Acc. on set", "acc on set") for h in heads]
         rows = []
+        listed = show_members(int(first["n_members"]), members)
         for ood, at in block.groupby("ood", sort=False):
             std = at[at["role"] == "std"]
             for _, r in at.iterrows():
-                if r["role"] == "member":
+                if r["role"] == "member" and listed:
                     rows.append([ood, r["member"], *_eval_cells(r, columns)])
                 elif r["role"] == "mean":
                     rows.append([ood, "mean ± std", *_eval_cells(r, columns, std.iloc[0], int(r["n_members"]))])
+                    if not listed:
+                        each = at[at["role"] == "member"]
+                        rows.append([ood, f"min–max ({len(each)})",
+                                     *[f"{_pct2(each[c].min())}–{_pct2(each[c].max())}" if each[c].notna().any()
+                                       else "" for c in columns]])
                 elif r["role"] == "ensemble":
                     rows.append([ood, f"ensemble ({int(r['n_members'])})", *_eval_cells(r, columns)])
                 elif r["role"] == "subsets" and r["stat"] == "mean":
