@@ -68,3 +68,22 @@ def write_cifar_benchmark(root: Path, ood_sets=("SVHN", "LSUN", "Texture")) -> N
                          suffix=".jpg")
         else:
             write_images(root / "ood_data" / where[name] / "test", 14, size=(36, 36))
+
+
+def write_imglist(root: Path, listfile: str, images: str, folder: str, n: int, labels: list[int] | None = None,
+                  size=(32, 32), mode: str = "RGB", seed: int = 3, suffix: str = ".png") -> list[tuple[Path, int]]:
+    """One OpenOOD image list ``root/listfile`` ("relative/path label" lines, label -1 without ``labels``) over ``n``
+    new images ``root/images/folder/img_<i><suffix>`` of ``size`` (w, h) in PIL ``mode``; returns (path, label)."""
+    rng = np.random.default_rng(seed)
+    (root / images / folder).mkdir(parents=True, exist_ok=True)
+    (root / listfile).parent.mkdir(parents=True, exist_ok=True)
+    out, lines = [], []
+    for i in range(n):
+        rel = f"{folder}/img_{i:03d}{suffix}"
+        shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / images / rel)  # 2-D: mode L
+        label = labels[i % len(labels)] if labels else -1
+        lines.append(f"{rel} {label}\n")
+        out.append((root / images / rel, label))
+    (root / listfile).write_text("".join(lines))
+    return out

@@ -10,6 +10,11 @@ inputs) and the head ``linear``.
 ``module.`` prefix of DataParallel checkpoints is stripped by the loader), head ``fc``,
 features ``avgpool`` -> 2048. torchvision is imported only when an R50 is built.
 
+OpenOOD v1.5's networks (``openood/networks/resnet18_32x32.py``, ``resnet18_224x224.py``):
+``ResNet18_32x32`` is ``R18`` with the head named ``fc`` and adaptive average pooling;
+``ResNet18_224x224`` is torchvision's ``resnet18`` (keys unchanged, head ``fc``, ``avgpool`` -> 512);
+OpenOOD's ``ResNet50`` is torchvision's ``resnet50``, i.e. ``R50``.
+
 RankFeat stages (both): the output of ``layer3`` (second to last) and of ``layer4``
 (last); ``last_stage = layer4``; ``logits_from_last_stage`` = pool -> head. This is the
 ``intermediate_forward(x, 3/4)`` / ``layer4`` / ``forward_head`` of the reference code.
@@ -54,9 +59,10 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(StagedNetwork, nn.Module):
-    """ResNet for 32x32 inputs (3x3 stem, no max-pool); ``linear`` head."""
+    """ResNet for 32x32 inputs (3x3 stem, no max-pool); ``linear`` head, ``avg_pool2d(4)``."""
 
     feature_layers = stage_layers("layer1", "layer2", "layer3", "layer4")
+    head = "linear"
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int, in_channels: int = 3):
         super().__init__()
@@ -71,11 +77,11 @@ class CifarResNet(StagedNetwork, nn.Module):
                 planes_in = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.feature_dim = planes_in
-        self.linear = nn.Linear(planes_in, num_classes)
+        self.add_module(self.head, nn.Linear(planes_in, num_classes))
 
     @property
     def classifier(self) -> nn.Linear:
-        return self.linear
+        return getattr(self, self.head)
 
     @staticmethod
     def pool(a: torch.Tensor) -> torch.Tensor:
@@ -92,6 +98,25 @@ class CifarResNet(StagedNetwork, nn.Module):
 @register_arch("R18", folder="R18")
 def r18(num_classes: int) -> nn.Module:
     return CifarResNet((2, 2, 2, 2), num_classes)
+
+
+class OpenOODResNet18_32x32(CifarResNet):
+    """OpenOOD v1.5's ``ResNet18_32x32``: the same stem, blocks and keys as ``R18``, head ``fc``, features by
+    adaptive average pooling of ``layer4`` (equal to ``avg_pool2d(4)`` at 32x32)."""
+
+    head = "fc"
+
+    def __init__(self, num_classes: int):
+        super().__init__((2, 2, 2, 2), num_classes)
+
+    @staticmethod
+    def pool(a: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(a, 1), 1)
+
+
+@register_arch("ResNet18_32x32", folder="resnet18_32x32")
+def openood_resnet18_32x32(num_classes: int) -> nn.Module:
+    return OpenOODResNet18_32x32(num_classes)
 
 
 class _TorchvisionResNetInterface(StagedNetwork):
@@ -115,20 +140,30 @@ class _TorchvisionResNetInterface(StagedNetwork):
 
 
 @functools.cache
-def _resnet50_class() -> type:
-    # torchvision takes about a second to import: only pay it when an R50 is built
-    from torchvision.models.resnet import Bottleneck, ResNet
+def _torchvision_resnet_class(block: str, layers: tuple[int, ...], name: str) -> type:
+    # torchvision takes about a second to import: only pay it when such a network is built
+    from torchvision.models import resnet
 
-    class ImageNetResNet50(_TorchvisionResNetInterface, ResNet):
-        feature_dim = 2048
+    block_class = getattr(resnet, block)
+
+    class ImageNetResNet(_TorchvisionResNetInterface, resnet.ResNet):
+        feature_dim = 512 * block_class.expansion
 
         def __init__(self, num_classes: int):
-            ResNet.__init__(self, Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+            resnet.ResNet.__init__(self, block_class, list(layers), num_classes=num_classes)
 
-    ImageNetResNet50.__module__ = __name__
-    return ImageNetResNet50
+    ImageNetResNet.__name__ = ImageNetResNet.__qualname__ = name
+    ImageNetResNet.__module__ = __name__
+    return ImageNetResNet
 
 
 @register_arch("R50", folder="R50")
 def r50(num_classes: int) -> nn.Module:
-    return _resnet50_class()(num_classes)
+    return _torchvision_resnet_class("Bottleneck", (3, 4, 6, 3), "ImageNetResNet50")(num_classes)
+
+
+@register_arch("ResNet18_224x224", folder="resnet18_224x224")
+def openood_resnet18_224x224(num_classes: int) -> nn.Module:
+    """OpenOOD v1.5's ``ResNet18_224x224``: torchvision's ``resnet18`` (same modules and keys), head ``fc``,
+    features ``avgpool`` -> 512."""
+    return _torchvision_resnet_class("BasicBlock", (2, 2, 2, 2), "OpenOODResNet18_224x224")(num_classes)

@@ -16,6 +16,10 @@ one warning; no OOD set at all is an error.
     DIR/ood_data/{LSUN,LSUN_resize,iSUN,places365}, DIR/ood_data/dtd/images
     DIR/imagenet/{train,val}             ImageFolder
     DIR/ood_data/{iNaturalist,SUN,Places}
+
+OpenOOD v1.5's benchmarks (``openood-cifar10``, ``openood-cifar100``, ``openood-imagenet200``,
+``openood-imagenet``) read an OpenOOD data folder instead: ``DIR/benchmark_imglist/<id>/*.txt`` image lists
+("relative/path label" lines) with the images under ``DIR/images_classic`` / ``DIR/images_largescale``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ class Benchmark:
     #: OOD set name -> expected location, for the sets the benchmark names but the disk lacks
     missing: dict[str, str] = field(default_factory=dict)
     #: "near" / "far" (semantic shift, as the benchmark classes them; "semantic" when unclassed) and
-    #: "shift" (corrupted ID test copies: covariate shift)
+    #: "shift" (covariate shift: corrupted ID test copies, or labelled ID-class sets such as OpenOOD's cifar10c)
     kinds: dict[str, str] = field(default_factory=dict)
     #: the benchmark's own ID validation split (None: a hold-out of ID train, see :meth:`validation`)
     val_factory: Factory | None = field(default=None, repr=False)
@@ -228,6 +232,44 @@ def _digits(root: Path | None) -> Benchmark:
                                         for name, build in digits.VAL_OOD_SETS.items()})
 
 
+def _openood(facts: Dataset):
+    """An OpenOOD v1.5 benchmark from its image lists (:attr:`Dataset.image_lists`): the ID test list is required;
+    the ID train and val lists are read when used (fitting; validation, as the benchmark's own ID validation split);
+    near/far OOD sets (their kinds), covariate-shifted ID sets (kind ``shift``) and OOD validation sets that are
+    not on disk are named in ``missing`` with their list file."""
+
+    def make(root: Path | None) -> Benchmark:
+        root = _need_root(root, facts.name)
+        lists = {role: [x for x in facts.image_lists if x.role == role]
+                 for role in ("train", "val", "test", "near", "far", "shift", "val-ood")}
+
+        def source(x, split: str, labelled: bool, name: str | None = None):
+            def build():
+                where = root / x.file
+                _require(where, f"{facts.name} {x.name} list", f"an OpenOOD v1.5 data folder: {x.file} "
+                         f"(\"relative/path label\" lines) with the images under {root / x.images}")
+                return image_list(name or x.name, split, where, root / x.images, labelled, x.geometry)
+            return build
+
+        (train,), (val,), (test,) = lists["train"], lists["val"], lists["test"]
+        _require(root / test.file, f"{facts.name} ID test list", f"an OpenOOD v1.5 data folder: {test.file} with "
+                 f"the images under {root / test.images}")
+        present, missing, kinds, val_ood = {}, {}, {}, {}
+        for role in ("near", "far", "shift", "val-ood"):
+            for x in lists[role]:
+                if not (root / x.file).is_file():
+                    missing[x.name] = str(root / x.file)
+                elif role == "val-ood":
+                    val_ood[x.name] = source(x, "val", False)
+                else:
+                    present[x.name] = source(x, "test", role == "shift")
+                    kinds[x.name] = role
+        return Benchmark(facts.name, facts.num_classes, source(train, "train", True, facts.name),
+                         source(test, "test", True, facts.name), present, missing, kinds,
+                         val_factory=source(val, "val", True, facts.name), val_ood_factories=val_ood)
+    return make
+
+
 def _need_root(root: Path | None, bench: str) -> Path:
     if root is None:
         raise OodensError(f"benchmark {bench!r} needs a data root: pass --data-root DIR, set OODENS_DATA, "
@@ -244,6 +286,7 @@ BENCHMARKS: dict[str, Callable[[Path | None], Benchmark]] = {
     "cifar10": _cifar(DATASETS["cifar10"]),
     "cifar100": _cifar(DATASETS["cifar100"]),
     "imagenet": _imagenet,
+    **{name: _openood(facts) for name, facts in DATASETS.items() if facts.image_lists},
 }
 
 

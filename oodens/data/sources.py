@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import sys
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -40,13 +42,16 @@ def to_tensor(img) -> torch.Tensor:
 
 
 def resize_crop(img: Image.Image, preset: Preset) -> Image.Image:
-    """The preset's geometry: resize the shorter side, then center-crop (to ``crop`` or ``resize``)."""
+    """The preset's geometry, as torchvision's ``Resize(resize)`` + ``CenterCrop(crop or resize)`` on a PIL image:
+    the shorter side becomes ``resize`` and the longer ``int(resize * longer / shorter)`` (bilinear), then the
+    centre crop (offsets rounded)."""
     if preset.resize is None:
         return img
     w, h = img.size
-    if min(w, h) != preset.resize:
-        s = preset.resize / min(w, h)
-        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    size = preset.resize
+    new = (size, max(1, int(size * h / w))) if w <= h else (max(1, int(size * w / h)), size)
+    if new != (w, h):
+        img = img.resize(new, Image.BILINEAR)
     side = preset.crop or preset.resize
     w, h = img.size
     if (w, h) != (side, side):
@@ -310,21 +315,61 @@ class SvhnSource(ArraySource):
         return x, np.full(len(x), -1, dtype=np.int64)
 
 
-class FileListSource(DataSource):
-    """Images given as (path, label) pairs, read on demand."""
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
-    def __init__(self, name: str, split: str, root: Path, items: list[tuple[Path, int]], kind: str):
+
+def decode_jpeg_file(path: Path) -> Image.Image | None:
+    """A JPEG decoded by torchvision's libjpeg-turbo decoder (``torchvision.io.decode_jpeg``: the pixels Pillow
+    gives, without its per-file overhead) as a PIL image in the mode Pillow would open it in (L or RGB); None
+    where that does not apply (a CMYK JPEG, an unreadable file, torchvision not loaded: importing it costs
+    seconds, which extraction pays only for large image lists): the caller uses Pillow."""
+    if "torchvision.io" not in sys.modules:
+        return None
+    try:
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (for torchcodec)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            t = decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
+                            mode=ImageReadMode.UNCHANGED)
+    except Exception:  # noqa: BLE001 (Pillow decodes it again and names the file in its error)
+        return None
+    if t.shape[0] == 1:
+        return Image.fromarray(t[0].numpy())  # L
+    if t.shape[0] == 3:
+        return Image.fromarray(np.ascontiguousarray(t.permute(1, 2, 0).numpy()))  # RGB
+    return None
+
+
+class FileListSource(DataSource):
+    """Images given as (path, label) pairs, read on demand. ``geometry=False``: the images are used at their own
+    size, the preset's resize and crop skipped (OpenOOD feeds ImageNet-C this way), normalisation kept."""
+
+    def __init__(self, name: str, split: str, root: Path, items: list[tuple[Path, int]], kind: str,
+                 geometry: bool = True):
         super().__init__(name, split)
         if not items:
             raise OodensError(f"{name}: no images under {root} (expected {', '.join(IMAGE_SUFFIXES[:4])} files)")
         self.root, self.items = Path(root), items
-        self._kind = kind
+        self.geometry = geometry
+        self._kind = kind if geometry else f"{kind}-as-is"
+
+    def loader(self, preset: Preset, batch_size: int, workers: int = 0) -> DataLoader:
+        if not self.geometry:
+            preset = replace(preset, resize=None, crop=None)
+        return super().loader(preset, batch_size, workers)
 
     def __len__(self):
         return len(self.items)
 
     def item(self, i):
         path, label = self.items[i]
+        if path.suffix.lower() in JPEG_SUFFIXES:
+            img = decode_jpeg_file(path)
+            if img is not None:
+                return img, label
         try:
             with Image.open(path) as img:
                 img.load()
@@ -361,8 +406,11 @@ def image_folder(name: str, split: str, root: Path, labelled: bool) -> FileListS
     return FileListSource(name, split, root, items, "folder-labelled" if labelled else "folder")
 
 
-def image_list(name: str, split: str, listfile: Path, root: Path, labelled: bool = False) -> FileListSource:
-    """An OpenOOD image list: "relative/path label" per line, paths relative to ``root``."""
+def image_list(name: str, split: str, listfile: Path, root: Path, labelled: bool = False,
+               geometry: bool = True) -> FileListSource:
+    """An OpenOOD image list: "relative/path label" per line, paths relative to ``root``; a listed image that is
+    not on disk is a one-line error naming the list, the line and the path. ``labelled``: keep the labels (ID
+    splits, covariate-shifted ID sets), else -1 (OOD sets); ``geometry``: see :class:`FileListSource`."""
     listfile, root = Path(listfile), Path(root)
     if not listfile.is_file():
         raise FileNotFoundError(listfile)
@@ -376,7 +424,7 @@ def image_list(name: str, split: str, listfile: Path, root: Path, labelled: bool
         if not path.is_file():
             raise OodensError(f"{listfile}:{n}: image {path} does not exist (expected paths relative to {root})")
         items.append((path, int(label) if labelled else -1))
-    return FileListSource(name, split, root, items, "imglist")
+    return FileListSource(name, split, root, items, "imglist", geometry)
 
 
 class IndexSource(DataSource):

@@ -1,7 +1,7 @@
 """Reading and writing checkpoint files: always as data, never as code.
 
 Layouts accepted: ``{"state_dict": ...}`` (plus any other keys), a bare state
-dict, keys with or without the ``module.`` prefix of ``nn.DataParallel``.
+dict (OpenOOD's ``best.ckpt``), keys with or without the ``module.`` prefix of ``nn.DataParallel``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from torch import nn
 from oodens.errors import OodensError
 
 SIDECAR = "oodens.json"
-CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".safetensors")
-#: file names that win when a mode folder holds several checkpoints (reference layouts)
-PREFERRED_NAMES = ("epoch150.pth", "checkpoint.pth.tar")
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".ckpt", ".safetensors")
+#: file names that win when a mode folder holds several checkpoints (reference layouts; OpenOOD v1.5 writes
+#: ``best.ckpt`` beside ``best_epoch<E>_acc<A>.ckpt`` and ``last_epoch<E>_acc<A>.ckpt``, openood/recorders)
+PREFERRED_NAMES = ("epoch150.pth", "checkpoint.pth.tar", "best.ckpt")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -4,13 +4,15 @@ Accepted layouts (DESIGN.md section 3)::
 
     DIR/seed-<S>/epoch150.pth          (mode-ensemble paper, CIFAR)
     DIR/seed-<S>/checkpoint.pth.tar    (mode-ensemble paper, ImageNet; oodens train)
-    DIR/<any>/<one *.pth|*.pth.tar|*.pt|*.safetensors>
+    DIR/s<k>/best.ckpt                 (OpenOOD v1.5: a bare state dict; DIR = <bench>_<net>_<method>_...)
+    DIR/<any>/<one *.pth|*.pth.tar|*.pt|*.ckpt|*.safetensors>
 
 What each mode is (architecture, dataset, class count, preprocessing preset) comes
 from the ``oodens.json`` sidecar beside the checkpoint, else from the path
-``.../<Dataset>/<Arch>/<mode>/``, else from the flags (``--arch``, ``--num-classes``,
-``--benchmark``); ``--preset`` overrides the preprocessing of the whole set. A flag
-that contradicts the sidecar or the path is an error, as is anything left unknown. A leave-out
+``.../<Dataset>/<Arch>/<mode>/`` or an OpenOOD run folder name (:func:`openood_run`), else from the flags
+(``--arch``, ``--num-classes``, ``--benchmark``); ``--preset`` overrides the preprocessing of the whole set. A flag
+that contradicts the sidecar or the path is an error (a benchmark with the same classes, such as
+``openood-cifar10`` for ``cifar10``, does not contradict), as is anything left unknown. A leave-out
 member (ELOC) lists its ``kept_classes`` in the sidecar: ``num_classes`` is the dataset's, and its
 head has one output per kept class.
 """
@@ -100,14 +102,14 @@ def _natural_key(name: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _pick(what: str, folder: Path, *candidates: tuple[str, object]):
-    """First known value among (source, value) pairs; a later one that disagrees is an error."""
+def _pick(what: str, folder: Path, *candidates: tuple[str, object], key=lambda v: str(v).lower()):
+    """First known value among (source, value) pairs; a flag that disagrees (by ``key``) is an error."""
     known = [(src, v) for src, v in candidates if v is not None]
     if not known:
         return None
     src0, v0 = known[0]
     for src, v in known[1:]:
-        if src == "flag" and str(v).lower() != str(v0).lower():
+        if src == "flag" and key(v) != key(v0):
             raise OodensError(f"--{what} {v} contradicts the {src0} of mode {folder} ({what} {v0}): "
                               f"expected them to agree, or drop the flag")
     return v0
@@ -163,6 +165,36 @@ def _check_sidecar_path(side: Path, meta: dict, path_arch: str | None, path_data
                               f"expected them to agree (move the mode or fix the sidecar)")
 
 
+#: OpenOOD v1.5's benchmark names (the first part of its run folder names) -> oodens benchmark
+OPENOOD_BENCHMARKS = {"cifar10": "openood-cifar10", "cifar100": "openood-cifar100",
+                      "imagenet200": "openood-imagenet200", "imagenet": "openood-imagenet"}
+#: OpenOOD v1.5's network names (``network.name``, the second part; scripts/eval_ood_imagenet.py's ``--arch``)
+#: -> oodens architecture (openood/networks: ResNet50, ViT_B_16, Swin_T, RegNet_Y_16GF subclass torchvision's)
+OPENOOD_NETWORKS = {"resnet18_32x32": "ResNet18_32x32", "resnet18_224x224": "ResNet18_224x224", "resnet50": "R50",
+                    "vit-b-16": "torchvision:vit_b_16", "swin-t": "torchvision:swin_t",
+                    "regnet": "torchvision:regnet_y_16gf"}
+
+
+def openood_run(name: str) -> tuple[str, str] | None:
+    """(benchmark, architecture) of an OpenOOD v1.5 run folder ``<benchmark>_<network>_<method>_e<E>_lr<LR>_<mark>``
+    (configs/pipelines/train/baseline.yml's ``exp_name``; e.g. ``cifar10_resnet18_32x32_base_e100_lr0.1_default``,
+    ``imagenet_resnet50_tvsv1_base_default``), or None when the name is not one."""
+    for bench in sorted(OPENOOD_BENCHMARKS, key=len, reverse=True):
+        if name.startswith(bench + "_"):
+            rest = name[len(bench) + 1:]
+            for net in sorted(OPENOOD_NETWORKS, key=len, reverse=True):
+                if rest == net or rest.startswith(net + "_"):
+                    return OPENOOD_BENCHMARKS[bench], OPENOOD_NETWORKS[net]
+            return None
+    return None
+
+
+def _classes_of(dataset) -> str:
+    """The label space a dataset name stands for (``openood-cifar10`` and ``cifar10`` share one)."""
+    facts = find_dataset(dataset)
+    return facts.classes_of if facts else str(dataset).lower()
+
+
 def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
     folder = ckpt.parent
     meta: dict = {}
@@ -180,16 +212,19 @@ def _describe(name: str, ckpt: Path, flags: ModeFlags) -> Mode:
         except OodensError:
             pass
     _check_sidecar_path(side, meta, path_arch, path_dataset, folder)
+    if path_facts is None and parents and openood_run(parents[0].name):  # OpenOOD: <run folder>/s<k>/best.ckpt
+        path_dataset, path_arch = openood_run(parents[0].name)  # a sidecar, when there is one, says more
     arch = _pick("arch", folder, ("sidecar", meta.get("arch")), ("path", path_arch),
                  ("flag", canonical_arch(flags.arch) if flags.arch else None))
     if arch is None:
         raise OodensError(
             f"cannot tell the architecture of mode {folder}: no {SIDECAR} sidecar, the path is not "
-            f".../<Dataset>/<Arch>/{folder.name}, and no --arch was given"
+            f".../<Dataset>/<Arch>/{folder.name} nor an OpenOOD run folder <benchmark>_<network>_.../{folder.name}, "
+            f"and no --arch was given"
         )
     arch = canonical_arch(arch)
     dataset = _pick("benchmark", folder, ("sidecar", meta.get("dataset")), ("path", path_dataset),
-                    ("flag", flags.dataset))
+                    ("flag", flags.dataset), key=_classes_of)
     facts = find_dataset(dataset) if dataset else None  # the class count and preset a sidecar may lack
     num_classes = _pick("num-classes", folder, ("sidecar", meta.get("num_classes")),
                         ("path", facts.num_classes if facts else None), ("flag", flags.num_classes))
