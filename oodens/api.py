@@ -33,6 +33,7 @@ from oodens.ensemble.evaluate import DetectorRun, MemberSet, Quality, Sweep, eva
 from oodens.errors import OodensError, OodensWarning, ParameterError
 from oodens.metrics.ood import POSITIVES
 from oodens.modes.discovery import Mode, ModeFlags, discover_modes
+from oodens.modes.heads import HeadBank, is_head_folder, load_heads
 from oodens.runtime.paths import default_cache_dir, default_results_dir, safe_name, shipped_modes_dir
 from oodens.views.cache import ViewCache
 from oodens.views.types import Views
@@ -47,6 +48,8 @@ class ModeSet:
 
     path: Path
     modes: list[Mode]
+    #: a shared-backbone set (:mod:`oodens.modes.heads`): the heads, their backbone or precomputed features
+    heads: "HeadBank | None" = None
 
     def __iter__(self):
         return iter(self.modes)
@@ -91,6 +94,9 @@ def load_modes(path: str | Path | None = None, *, arch: str | None = None, num_c
     if preset is not None:
         get_preset(preset)
     root = Path(path) if path is not None else shipped_modes_dir()
+    if is_head_folder(root):  # N heads on one backbone (oodens train-heads): N members, one backbone pass
+        bank = load_heads(root, ModeFlags(arch, num_classes, preset, dataset))
+        return ModeSet(root, bank.members, bank)
     return ModeSet(root, discover_modes(root, ModeFlags(arch, num_classes, preset, dataset)))
 
 
@@ -222,12 +228,21 @@ class Experiment:
     ``cache_dir`` (default ``$OODENS_CACHE``, else ``$XDG_CACHE_HOME/oodens``) holds the views;
     ``fit_fraction`` fits detectors on a seeded fraction of the ID training split; the rest sets how the
     networks run (``precision`` is part of the cache key; ``channels_last`` and ``compile`` change speed only).
+    ``class_masks``: OOD set -> the class indices it covers (a list, or a class-list file), for sets scored on a
+    subset of the classes (default: ImageNet-A/R's packaged 200-class lists for sets of those names on a 1000-class
+    benchmark, and what the benchmark declares in ``class_masks``): on such a set, argmax, accuracy and every score
+    read the kept classes only (:func:`oodens.ensemble.evaluate.mask_views`).
+
+    A shared-backbone mode set (``oodens train-heads``; :mod:`oodens.modes.heads`) extracts its backbone once per
+    split (one pass per image whatever the number of heads); each head member's views (and the soup's, the heads'
+    averaged weights, reported as its own row) are derived from the backbone's features.
     """
 
     def __init__(self, modes: ModeSet | str | Path | None = None, benchmark: Benchmark | str | None = None, *,
                  cache_dir: str | Path | None = None, device: str = "auto", fit_fraction: float = 1.0,
                  batch_size: int = 256, workers: int = 0, precision: str = "fp32", channels_last: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, class_masks: dict[str, Sequence[int] | str | Path] | None = None,
+                 modes_at_once: int | None = None):
         if not 0 < fit_fraction <= 1:
             raise ParameterError("experiment", "fit_fraction", fit_fraction, "is not a fraction in (0, 1]")
         if batch_size < 1:
@@ -241,8 +256,14 @@ class Experiment:
                               f"on {self.benchmark.name}")
         self.cache = ViewCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
         self.fit_fraction = fit_fraction
+        from oodens.data.classes import resolve_masks
+
+        declared = {o: m for o, m in (getattr(self.benchmark, "class_masks", None) or {}).items() if o in self.oods}
+        #: OOD set -> kept class indices (ImageNet-A/R: their 200 classes), see :func:`oodens.data.classes`
+        self.masks = resolve_masks(self.oods, self.benchmark.num_classes, {**declared, **(class_masks or {})})
         self.run_options = {"batch_size": batch_size, "device": device, "workers": workers, "precision": precision,
-                            "channels_last": channels_last, "compile": compile}
+                            "channels_last": channels_last, "compile": compile,
+                            "modes_at_once": modes_at_once}  # networks run per decoded batch (None: all)
         self._train: DataSource | None = None
         self._fit: DataSource | None = None
 
@@ -303,12 +324,18 @@ class Experiment:
         specs = [s for d in dets for s in d.view_specs()]
         sources = self.sources(train, validation, val_ood and validation)
         kw = dict(specs=specs, base_only=[self.fit_source(validation)] if train else [], **self.run_options)
+        heads = self.modes.heads
+        if heads is not None and heads.backbone is None:  # precomputed features: no network to run
+            from oodens.modes.heads import FeatureExtraction
+
+            return FeatureExtraction(heads.features)
+        modes = heads.extraction_modes() if heads is not None else list(self.modes)  # heads: the backbone once
         if not distributed:
-            return run_extract(list(self.modes), sources, self.cache, **kw)
+            return run_extract(modes, sources, self.cache, **kw)
         from oodens.runtime.distributed import process_group
 
         with process_group(self.run_options["device"]) as (ctx, dev):
-            ex = run_extract(list(self.modes), sources, self.cache, **{**kw, "device": dev})
+            ex = run_extract(modes, sources, self.cache, **{**kw, "device": dev})
         return ex if ctx.is_main else None
 
     def views(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *,
@@ -324,14 +351,30 @@ class Experiment:
                 for i, m in enumerate(sets.names)}
 
     def member_set(self, ex, train: bool, validation: bool = False, val_ood: bool = False) -> MemberSet:
-        names = self.modes.names
+        """The members' views (a head set's derived from its backbone's; its soup as ``MemberSet.soup``), the
+        masked OOD sets' views restricted to their kept classes."""
+        from oodens.ensemble.evaluate import mask_views
+
+        bank = self.modes.heads
+        get = ex.get if bank is None else (lambda m, s: bank.views(m, ex.get(bank.key, s)))
         fit = self.fit_source(validation) if train else None  # a run that fits nothing never lists ID train
-        return MemberSet(names, [ex.get(m, fit) if train else None for m in names],
-                         [ex.get(m, self.benchmark.id_test) for m in names],
-                         {o: [ex.get(m, s) for m in names] for o, s in self.oods.items()},
-                         {o: self.benchmark.kinds.get(o, "semantic") for o in self.oods},
-                         [ex.get(m, self.val_source) for m in names] if validation else None,
-                         {o: [ex.get(m, s) for m in names] for o, s in self.val_oods.items()} if val_ood else {})
+
+        def views(names: list[str]) -> MemberSet:
+            def ood(o, s):
+                return [mask_views(get(m, s), self.masks[o], o) if o in self.masks else get(m, s) for m in names]
+
+            return MemberSet(names, [get(m, fit) if train else None for m in names],
+                             [get(m, self.benchmark.id_test) for m in names],
+                             {o: ood(o, s) for o, s in self.oods.items()},
+                             {o: self.benchmark.kinds.get(o, "semantic") for o in self.oods},
+                             [get(m, self.val_source) for m in names] if validation else None,
+                             {o: [get(m, s) for m in names] for o, s in self.val_oods.items()} if val_ood else {},
+                             masks=self.masks)
+
+        sets = views(self.modes.names)
+        if bank is not None:
+            sets.soup = views(["soup"])
+        return sets
 
     # ---- detectors -> ensemble -> metrics
     def detectors(self, detectors: DetectorLike | Sequence[DetectorLike]) -> list[Detector]:
@@ -345,7 +388,7 @@ class Experiment:
         members = [{**m.sidecar, "name": m.name} for m in self.modes]
         keep = []
         for d in detectors:
-            why = d.applies_to(members)
+            why = d.applies_to(members) or self._heads_refuse(d)
             if why is None:
                 keep.append(d)
             elif strict:
@@ -353,6 +396,22 @@ class Experiment:
             else:
                 warnings.warn(f"skipping {d.name}: {why}", OodensWarning, stacklevel=3)
         return keep
+
+    def _heads_refuse(self, d: Detector) -> str | None:
+        """Why a detector cannot score a shared-backbone set, or None: head members share one network, so a view
+        that needs a member's own network end to end (odin's and rankfeat's logits) cannot be derived per head,
+        and precomputed features have no network at all."""
+        bank = self.modes.heads
+        if bank is None:
+            return None
+        shared = ("layers", "gram") if bank.backbone is not None else ()  # the backbone's maps: the same per head
+        bad = [s.id for s in d.view_specs() if s.kind not in shared]
+        if not bad:
+            return None
+        what = "a backbone's views" if bank.backbone is None else "each member's own network"
+        return (f"{d.name} reads the {bad[0]} view, which needs {what}, but the members of {self.modes.path} are "
+                f"heads on {'precomputed features' if bank.backbone is None else 'one shared backbone'}: expected a "
+                "detector on logits/features (odin with eps 0, knn, energy, ...)")
 
     def evaluate(self, detectors: DetectorLike | Sequence[DetectorLike] = "msp", *, strategy: str | None = None,
                  positive: str = "id", ensemble_sizes: int | str | Sequence[int] | None = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from oodens.cli import eval as _eval, extract as _extract, report as _report, train as _train
+from oodens.cli import eval as _eval, extract as _extract, heads as _heads, report as _report, train as _train
 from oodens.version import __version__
 
 app = typer.Typer(
@@ -38,3 +38,4 @@ app.command("train")(_train.train_cmd)
 app.command("extract")(_extract.extract_cmd)
 app.command("eval")(_eval.eval_cmd)
 app.command("report")(_report.report_cmd)
+app.command("train-heads")(_heads.train_heads_cmd)

@@ -16,6 +16,7 @@ from oodens.detectors.base import (DETECTORS, Detector, check_is_fitted, get_det
                                    register_detector)
 from oodens.detectors import logit, feature, shaping, gradient, subspace, disagreement  # noqa: F401,I001  (registers, in table order)
 from oodens.detectors import confidence, geometry, temperature, layers  # noqa: F401,I001
+from oodens.detectors.heads import Distinct, EnsembleConfidence  # noqa: I001  (SED's ensemble-only scores)
 from oodens.detectors.logit import MSP, ODIN, Energy, Entropy, MaxLogit, RankFeat
 from oodens.detectors.feature import KNN, RMDS, Mahalanobis
 from oodens.detectors.layers import Gram, MultiLayerMahalanobis
@@ -36,5 +37,5 @@ __all__ = [
     "GradNorm", "ViM", "PDS", "MI", "ELOC",
     "ReActDICE", "VRA", "ASHP", "ASHB", "Scale", "GEN", "KLMatching", "OpenMax",
     "RMDS", "Residual", "NECO", "NCI", "FDBD", "SHE", "NNGuide", "Relation", "MultiLayerMahalanobis", "Gram",
-    "TempScaledMSP",
+    "TempScaledMSP", "Distinct", "EnsembleConfidence",
 ]

@@ -32,12 +32,22 @@ softmax). Leave-out members (ELOC; ``Views.classes`` set) are judged on the test
 classes, and their ensemble's distribution spreads each member's softmax over all classes (0 where it
 left classes out) before averaging; its accuracy is that mean's argmax. Rows of covariate-shift sets
 also carry ``ood_accuracy``, the accuracy on the corrupted images.
+
+Shared-backbone sets (SED's heads) add one row per OOD set: ``role`` ``"soup"`` (``member`` ``"soup"``, ``k`` = 1),
+the heads' averaged weights scored as one more member (``MemberSet.soup``); it is not part of the mean, std or
+ensemble. Ensemble-only detectors have no soup row.
+
+Class masks (``MemberSet.masks``: OOD set -> kept class indices; ImageNet-A/R's 200 classes): the set's views are
+restricted to the kept classes (:func:`mask_views`: logits columns, W and b rows, labels as positions in the kept
+list), so argmax, accuracy and every score read those classes only; its OOD metrics compare against the ID test
+split restricted the same way (scores under the key ``ID_KEY@<set>``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -75,9 +85,24 @@ class MemberSet:
     kinds: dict[str, str] = field(default_factory=dict)
     val: list[Views] | None = None
     val_oods: dict[str, list[Views]] = field(default_factory=dict)
+    #: OOD set -> kept class indices; those sets' views are already restricted (see :func:`mask_views`)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the soup of a shared-backbone set (one member named "soup"), scored as its own row; None elsewhere
+    soup: "MemberSet | None" = None
 
     def __post_init__(self):
         self.kinds = {o: self.kinds.get(o, "semantic") for o in self.oods}
+        self.masks = {o: m for o, m in self.masks.items() if o in self.oods}
+        self._masked_id: dict[str, list[Views]] = {}
+
+    @property
+    def id_keys(self) -> list[str]:
+        """The keys of the ID test split restricted to each masked set's classes (:func:`masked_id_key`)."""
+        return [masked_id_key(o) for o in self.masks]
+
+    def id_key(self, ood: str) -> str:
+        """The ID scores an OOD set's metrics compare against: ``ID_KEY``, or the masked ID key of a masked set."""
+        return masked_id_key(ood) if ood in self.masks else ID_KEY
 
     @property
     def leave_out(self) -> bool:
@@ -97,6 +122,12 @@ class MemberSet:
         validation key (:attr:`val_keys`) or an evaluated OOD set's name."""
         if key == ID_KEY:
             return self.test
+        if key.startswith(ID_KEY + "@"):
+            o = key[len(ID_KEY) + 1:]
+            if o not in self._masked_id:
+                self._masked_id[o] = [mask_views(v, self.masks[o], f"the ID test split on {o}'s classes",
+                                                 labels_are_positions=False) for v in self.test]
+            return self._masked_id[o]
         if key == VAL_KEY:
             if self.val is None:
                 raise OodensError("these members have no ID validation views: expected validation in use "
@@ -111,7 +142,46 @@ class MemberSet:
         return MemberSet([self.names[i] for i in idx], pick(self.train), pick(self.test),
                          {o: pick(v) for o, v in self.oods.items()}, self.kinds,
                          pick(self.val) if self.val is not None else None,
-                         {o: pick(v) for o, v in self.val_oods.items()})
+                         {o: pick(v) for o, v in self.val_oods.items()}, masks=self.masks)
+
+
+def masked_id_key(ood: str) -> str:
+    return f"{ID_KEY}@{ood}"
+
+
+def mask_views(v: Views, kept, name: str = "a masked set", labels_are_positions: bool = True) -> Views:
+    """``v`` restricted to the classes ``kept`` (class indices, in the set's label order): logits ``z[:, kept]``,
+    weight ``W[kept]``, bias ``b[kept]``, the logits of extra logits views (odin, rankfeat) likewise; features as
+    they are. Labels: with ``labels_are_positions`` (an OOD-generalization set such as ImageNet-R, whose labels are
+    positions in its kept list, as an ImageFolder over its class folders numbers them) kept as they are, checked in
+    ``0..len(kept)-1``; without (the ID test split, labelled with the dataset's classes) mapped to positions in
+    ``kept``, -1 for a class outside it (counted wrong by accuracy)."""
+    kept = np.asarray(kept, dtype=np.int64)
+    if v.classes is not None:
+        raise OodensError(f"class mask of {name}: leave-out members (kept_classes) cannot be masked: expected "
+                          "ordinary members")
+    z = np.asarray(v.logits)
+    if z.ndim != 2 or kept.max() >= z.shape[1]:
+        raise OodensError(f"class mask of {name}: class {int(kept.max())} is not among the {z.shape[-1]} logits: "
+                          "expected indices of the ID classes")
+    labels = v.labels
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels_are_positions:
+            bad = labels[(labels < 0) | (labels >= len(kept))]
+            if len(bad):
+                raise OodensError(f"labels of {name} include {int(bad[0])}, outside its {len(kept)} kept classes: "
+                                  f"expected labels 0..{len(kept) - 1}, positions in its class list")
+        else:
+            table = np.full(z.shape[1], -1, dtype=np.int64)
+            table[kept] = np.arange(len(kept))
+            labels = np.where((labels >= 0) & (labels < z.shape[1]), table[np.clip(labels, 0, z.shape[1] - 1)], -1)
+    width = z.shape[1]
+    extra = {k: (np.asarray(a)[:, kept] if not isinstance(a, dict) and np.ndim(a) == 2 and np.shape(a)[1] == width
+                 else a) for k, a in v.extra.items()}
+    return Views(logits=z[:, kept], features=v.features, labels=labels,
+                 weight=None if v.weight is None else np.asarray(v.weight)[kept],
+                 bias=None if v.bias is None else np.asarray(v.bias)[kept], extra=extra)
 
 
 @dataclass
@@ -196,7 +266,7 @@ def _groups(kinds: dict[str, str]) -> dict[str, list[str]]:
     if near and far:  # a group of one set would only repeat that set's row
         groups.update({name: sets for name, sets in (("near", near), ("far", far)) if len(sets) > 1})
     for o, k in kinds.items():
-        if k == "shift":
+        if k == "shift" and re.fullmatch(r".+-[1-5]", o):  # corrupted copies <name>-<severity>
             groups.setdefault(f"C-{o.rsplit('-', 1)[1]}", []).append(o)
     return groups
 
@@ -209,8 +279,9 @@ def _row_kind(ood: str, kinds: dict[str, str]) -> str:
 
 def _metrics(scores: dict[str, np.ndarray], kinds: dict[str, str], positive: str,
              accuracies: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
-    """OOD set (and average row) -> metric -> value, for one member's or one ensemble's scores."""
-    out = {o: ood_metrics(scores[ID_KEY], scores[o], positive=positive) for o in kinds}
+    """OOD set (and average row) -> metric -> value, for one member's or one ensemble's scores (a masked set
+    against the ID scores restricted to its classes, ``ID_KEY@<set>``, when they are there)."""
+    out = {o: ood_metrics(scores.get(masked_id_key(o), scores[ID_KEY]), scores[o], positive=positive) for o in kinds}
     for o, acc in (accuracies or {}).items():
         out[o]["ood_accuracy"] = acc
     for row, members in _groups(kinds).items():
@@ -292,6 +363,10 @@ class Quality:
     def __init__(self, sets: MemberSet):
         labels = sets.labels
         self._sets = sets
+        # a masked set is labelled with positions in its kept classes (its own labels); the others are copies of
+        # the ID test split (corruptions): its labels
+        self._labels = {o: (np.asarray(sets.oods[o][0].labels) if o in sets.masks or sets.kinds.get(o) == "shift"
+                            else labels) for o in sets.oods}
         for i, m in enumerate(sets.names):  # before any calibration arithmetic on them
             for key, v in [(ID_KEY, sets.test[i])] + [(o, sets.oods[o][i]) for o, k in sets.kinds.items()
                                                        if k == "shift"]:
@@ -300,15 +375,17 @@ class Quality:
         self.rows["ensemble"] = {**_prefixed(cal.quality(ensemble_probs(sets.test, labels), labels)),
                                  "id_accuracy": ensemble_accuracy(sets.test, labels)}
         self._shift_sets = [o for o, k in sets.kinds.items() if k == "shift"]
-        self.shift = {m: {o: member_accuracy(sets.oods[o][i], labels) for o in self._shift_sets}
+        self.shift = {m: {o: member_accuracy(sets.oods[o][i], self._labels[o]) for o in self._shift_sets}
                       for i, m in enumerate(sets.names)}
-        self.shift["ensemble"] = {o: ensemble_accuracy(sets.oods[o], labels) for o in self._shift_sets}
+        self.shift["ensemble"] = {o: ensemble_accuracy(sets.oods[o], self._labels[o]) for o in self._shift_sets}
         self.subset = lru_cache(maxsize=None)(self._subset)
+        #: the soup's quality (a shared-backbone set), as a one-member set's: rows["soup"], shift["soup"]
+        self.soup = Quality(sets.soup) if sets.soup is not None else None
 
     def _subset(self, idx: tuple[int, ...]) -> tuple[float, dict[str, float]]:
         labels, s = self._sets.labels, self._sets
         return (ensemble_accuracy([s.test[i] for i in idx], labels),
-                {o: ensemble_accuracy([s.oods[o][i] for i in idx], labels) for o in self._shift_sets})
+                {o: ensemble_accuracy([s.oods[o][i] for i in idx], self._labels[o]) for o in self._shift_sets})
 
 
 # --------------------------------------------------------------------------- one detector
@@ -425,7 +502,7 @@ def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None 
     candidates = candidates or [Candidate(d, sets) for d in (select.points(detector) if select else [detector])]
     chooser = _Chooser(candidates, strategy, positive, select)
     kinds = sets.kinds
-    evals = [ID_KEY, *sets.oods]
+    evals = [ID_KEY, *sets.id_keys, *sets.oods]
     per_member, selected = {}, {}
     # numpy's overflow/invalid warnings are replaced by check_finite's one error naming the member and set
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -434,8 +511,16 @@ def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None 
             per_member[m] = {k: cand.score(i, k) for k in evals}
         cand, selected["ensemble"] = chooser.ensemble(tuple(range(len(sets.names))))
         ens = cand.ensemble(strategy, range(len(sets.names)), evals)
+        soup = None
+        if sets.soup is not None and not detector.ensemble_only:  # the soup: one more member, its own row
+            soup_chooser = _Chooser([Candidate(c.detector, sets.soup) for c in candidates], strategy, positive, select)
+            cand, selected["soup"] = soup_chooser.member(0)
+            soup = {k: cand.score(0, k) for k in evals}
     metrics = {m: _metrics(s, kinds, positive, quality.shift[m]) for m, s in per_member.items()}
     metrics["ensemble"] = _metrics(ens, kinds, positive, quality.shift["ensemble"])
+    soup_quality = quality.soup if quality.soup is not None else (Quality(sets.soup) if soup is not None else None)
+    if soup is not None:
+        metrics["soup"] = _metrics(soup, kinds, positive, soup_quality.shift["soup"])
 
     params = {**detector.settings(), **(select.grid if select else {})}
     base = {"detector": detector.name, "strategy": strategy, "params": params, "positive": positive,
@@ -453,12 +538,18 @@ def evaluate_detector(detector: Detector, sets: MemberSet, strategy: str | None 
                             **{k: float(np.mean([values[m][k] for m in sets.names])) for k in keys}})
             records.append({**row, "member": "std", "role": "std",
                             **{k: _std([values[m][k] for m in sets.names]) for k in keys}})
+        if soup is not None:
+            records.append({**row, "member": "soup", "role": "soup", "k": 1, **metrics["soup"][ood],
+                            **soup_quality.rows["soup"], **chosen("soup")})
         records.append({**row, "member": "ensemble", "role": "ensemble", "k": len(sets.names),
                         **metrics["ensemble"][ood], **quality.rows["ensemble"], **chosen("ensemble")})
     records += _sweep_records(detector, strategy, chooser, sets, positive, sweep, quality, base)
 
-    scores = {m: {("id" if k == ID_KEY else k): v for k, v in s.items()} for m, s in per_member.items()}
-    scores["ensemble"] = {("id" if k == ID_KEY else k): v for k, v in ens.items()}
+    name = lambda k: "id" + k[len(ID_KEY):] if k.startswith(ID_KEY) else k  # noqa: E731  ("id", "id@<set>")
+    scores = {m: {name(k): v for k, v in s.items()} for m, s in per_member.items()}
+    scores["ensemble"] = {name(k): v for k, v in ens.items()}
+    if soup is not None:
+        scores["soup"] = {name(k): v for k, v in soup.items()}
     return DetectorRun(detector.name, strategy, params, records, scores, {m: v for m, v in selected.items() if v})
 
 
@@ -468,7 +559,7 @@ def _sweep_records(detector: Detector, strategy: str, chooser: _Chooser, sets: M
     with its own choice of grid values under selection)."""
     records = []
     smallest = max(STRATEGIES[strategy].min_members, 2 if detector.ensemble_only else 1)
-    evals = [ID_KEY, *sets.oods]
+    evals = [ID_KEY, *sets.id_keys, *sets.oods]
     for k in (sweep.sizes if sweep else []):
         if k < smallest:
             continue
