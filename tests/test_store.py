@@ -268,3 +268,24 @@ def test_many_members_collapse_into_mean_and_range(env, capsys, monkeypatch):
         assert cells[3] == f"{100 * min(values):.1f}–{100 * max(values):.1f}"  # detector, member, digits-6789, letters
     code, out, _ = run(["report", "--markdown", "--tables", "ood", "--metric", "fpr95", "--members"], capsys)
     assert "seed-1000" in out and "min–max" not in out
+
+
+def test_the_soup_row_shows_beside_the_ensemble():
+    from oodens.report.tables import detector_tables, ood_tables
+    from oodens.results import records_frame
+
+    base = {"benchmark": "digits", "modes": "/x/heads", "arch": "cnn", "detector": "msp", "strategy": "mean-logits",
+            "params": {}, "positive": "id", "n_members": 2, "ood": "letters", "kind": "semantic"}
+    records = [{**base, "member": "head-00", "role": "member", "k": 1, "auroc": 0.90},
+               {**base, "member": "head-01", "role": "member", "k": 1, "auroc": 0.92},
+               {**base, "member": "mean", "role": "mean", "auroc": 0.91},
+               {**base, "member": "std", "role": "std", "auroc": 0.0141},
+               {**base, "member": "soup", "role": "soup", "k": 1, "auroc": 0.935},
+               {**base, "member": "ensemble", "role": "ensemble", "k": 2, "auroc": 0.94}]
+    frame = records_frame(records)
+    (eval_table,) = detector_tables(frame)
+    rows = eval_table.frame.set_index("member")
+    assert rows.loc["soup", "AUROC ↑"] == "93.50" and list(rows.index)[-2:] == ["soup", "ensemble (2)"]
+    (table,) = ood_tables(frame, ["auroc"])
+    cells = table.frame.set_index("member")
+    assert cells.loc["soup", "letters"] == "93.5" and cells.loc["ensemble (2)", "letters"] == "94.0"

@@ -275,6 +275,9 @@ def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]], members: Opt
         rows.append(["mean ± std"] + [fmt_mean_std(column(m, o), m) for m, o in cells])
         if not listed:
             rows.append([f"min–max ({len(names)})"] + [fmt_range(column(m, o), m) for m, o in cells])
+    soup = block[block["role"] == "soup"].set_index("ood")
+    if len(soup):  # SED heads: their averaged weights as one head, beside the ensemble
+        rows.append(["soup"] + [fmt(soup.at[o, m], m) if o in soup.index else "—" for m, o in cells])
     ens = block[block["role"] == "ensemble"].set_index("ood")
     if len(ens):
         rows.append([f"ensemble ({int(ens['n_members'].iloc[0])})"]
@@ -605,6 +608,8 @@ def detector_tables(frame: pd.DataFrame, members: Optional[bool] = None) -> list
                         rows.append([ood, f"min–max ({len(each)})",
                                      *[f"{_pct2(each[c].min())}–{_pct2(each[c].max())}" if each[c].notna().any()
                                        else "" for c in columns]])
+                elif r["role"] == "soup":  # SED heads: their averaged weights as one head, not in the ensemble
+                    rows.append([ood, "soup", *_eval_cells(r, columns)])
                 elif r["role"] == "ensemble":
                     rows.append([ood, f"ensemble ({int(r['n_members'])})", *_eval_cells(r, columns)])
                 elif r["role"] == "subsets" and r["stat"] == "mean":
