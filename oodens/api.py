@@ -307,23 +307,30 @@ class Experiment:
         """The OOD validation sets (hyperparameter selection only; never evaluated)."""
         return self.benchmark.val_ood
 
-    def sources(self, train: bool = True, validation: bool = False, val_ood: bool = False) -> list[DataSource]:
-        return [*([self.fit_source(validation)] if train else []), self.benchmark.id_test, *self.oods.values(),
+    def sources(self, train: bool = True, validation: bool = False, val_ood: bool = False,
+                fits: Sequence[bool] | None = None) -> list[DataSource]:
+        """The splits to extract. ``fits``: the ID training splits detectors fit on (False: the whole
+        :attr:`train_source`, True: it minus the validation hold-out); default ``[validation]`` if ``train``."""
+        fits = list(dict.fromkeys(fits)) if fits is not None else ([validation] if train else [])
+        return [*(self.fit_source(v) for v in fits), self.benchmark.id_test, *self.oods.values(),
                 *([self.val_source] if validation else []), *(self.val_oods.values() if val_ood else [])]
 
     # ---- extraction -> views
     def extract(self, detectors: DetectorLike | Sequence[DetectorLike] = (), *, train: bool = True,
-                validation: bool = False, val_ood: bool = False, distributed: bool = False):
+                validation: bool = False, val_ood: bool = False, distributed: bool = False,
+                fits: Sequence[bool] | None = None):
         """Make sure every view these detectors read is cached (one forward pass per mode and split) and
         return the :class:`oodens.views.extract.Extraction`. ``validation``: also the ID validation split (and
-        detectors then fit on ID train minus its hold-out), ``val_ood``: also the OOD validation sets.
+        detectors then fit on ID train minus its hold-out), ``val_ood``: also the OOD validation sets; ``fits``:
+        which training splits to extract (see :meth:`sources`; default the one ``validation`` implies).
         ``distributed``: under torchrun, ranks share each pass and rank 0 writes (the others get ``None``)."""
         from oodens.views.extract import extract as run_extract
 
         dets = self.detectors(detectors) if detectors else []
         specs = [s for d in dets for s in d.view_specs()]
-        sources = self.sources(train, validation, val_ood and validation)
-        kw = dict(specs=specs, base_only=[self.fit_source(validation)] if train else [], **self.run_options)
+        fits = list(dict.fromkeys(fits)) if fits is not None else ([validation] if train else [])
+        sources = self.sources(train, validation, val_ood and validation, fits)
+        kw = dict(specs=specs, base_only=[self.fit_source(v) for v in fits], **self.run_options)
         heads = self.modes.heads
         if heads is not None and heads.backbone is None:  # precomputed features: no network to run
             from oodens.modes.heads import FeatureExtraction
@@ -350,14 +357,17 @@ class Experiment:
                              sets.val[i] if validation else None, {o: v[i] for o, v in sets.val_oods.items()})
                 for i, m in enumerate(sets.names)}
 
-    def member_set(self, ex, train: bool, validation: bool = False, val_ood: bool = False) -> MemberSet:
+    def member_set(self, ex, train: bool, validation: bool = False, val_ood: bool = False,
+                   held_out: bool | None = None) -> MemberSet:
         """The members' views (a head set's derived from its backbone's; its soup as ``MemberSet.soup``), the
-        masked OOD sets' views restricted to their kept classes."""
+        masked OOD sets' views restricted to their kept classes. ``train``: with the ID training split detectors
+        fit on: the whole split, or (``held_out``, default ``validation``) it minus the validation hold-out."""
         from oodens.ensemble.evaluate import mask_views
 
         bank = self.modes.heads
         get = ex.get if bank is None else (lambda m, s: bank.views(m, ex.get(bank.key, s)))
-        fit = self.fit_source(validation) if train else None  # a run that fits nothing never lists ID train
+        held_out = validation if held_out is None else held_out
+        fit = self.fit_source(held_out) if train else None  # a run that fits nothing never lists ID train
 
         def views(names: list[str]) -> MemberSet:
             def ood(o, s):
@@ -460,20 +470,27 @@ class Experiment:
                 continue
             applies = strategy is not None and strategy in strategies_for(type(d), n, leave_out)
             plan.append((d, [resolve_strategy(type(d), strategy if applies else None, leave_out)]))
-        validation = select is not None or any(type(d).reads("val") or any(STRATEGIES[s].needs_val for s in ss)
-                                               for d, ss in plan)
+        # Validation is decided per detector, so that adding tempscale or a zscore run never changes another
+        # detector's numbers: one that selects, fits on the ID validation split or has a strategy standardised on
+        # it fits on ID train minus the hold-out (every strategy of it alike); the others on the whole split.
+        uses_val = [select is not None or type(d).reads("val") or any(STRATEGIES[s].needs_val for s in ss)
+                    for d, ss in plan]
+        validation = any(uses_val)
         if select is not None and not self.val_oods:
             raise OodensError(f"benchmark {self.benchmark.name!r} has no OOD validation set to select on: expected "
                               "--val-ood NAME=PATH (val_ood=['NAME=PATH'])")
-        need_train = any(type(d).reads("train") for d in dets)
-        for d in dets if need_train else []:  # before any extraction: the training split's size is known
-            d.validate_training_size(len(self.fit_source(validation)))
-        ex = self.extract(dets, train=need_train, validation=validation, val_ood=select is not None)
-        sets = self.member_set(ex, need_train, validation, select is not None)
-        quality = Quality(sets)  # once per mode set, shared by every detector's records
-        base = {**self.settings(), **(self.validation_settings(need_train, select) if validation else {})}
+        fits = [v for (d, _), v in zip(plan, uses_val) if type(d).reads("train")]
+        for (d, _), v in zip(plan, uses_val):  # before any extraction: the training split's size is known
+            if type(d).reads("train"):
+                d.validate_training_size(len(self.fit_source(v)))
+        ex = self.extract(dets, train=bool(fits), validation=validation, val_ood=select is not None, fits=fits)
+        sets_by_fit = {v: self.member_set(ex, v in fits, validation, select is not None, held_out=v)
+                       for v in dict.fromkeys([*uses_val, validation])}
+        quality = Quality(sets_by_fit[validation])  # once per mode set, shared by every detector's records
         runs = []
-        for d, strategies in plan:
+        for (d, strategies), v in zip(plan, uses_val):
+            sets = sets_by_fit[v]
+            base = {**self.settings(), **(self.validation_settings(type(d).reads("train"), select) if v else {})}
             chosen = selections.get(d.name)
             candidates = [Candidate(p, sets) for p in (chosen.points(d) if chosen else [d])]  # shared by strategies
             for strat in strategies:

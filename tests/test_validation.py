@@ -144,3 +144,20 @@ def test_tempscale_in_an_experiment_fits_on_the_validation_split(two_modes, tmp_
         z = np.asarray(v[m].test.logits, dtype=np.float64) / t
         p = np.exp(z - z.max(1, keepdims=True))
         np.testing.assert_allclose(res.runs[0].scores[m]["id"], (p / p.sum(1, keepdims=True)).max(1), rtol=1e-9)
+
+
+def test_validation_is_decided_per_detector(two_modes, tmp_path):
+    """Adding a detector that fits on the ID validation split (tempscale) or a strategy standardised on it never
+    changes another detector's numbers: knn alone and knn beside tempscale fit on the whole training split."""
+    bench = oodens.get_benchmark("digits", ood=["letters"])
+    exp = oodens.Experiment(two_modes, bench, cache_dir=tmp_path / "c")
+    alone = exp.evaluate("knn").runs[0]
+    with pytest.warns(oodens.OodensWarning):  # tempscale on digits' hold-out: nothing to calibrate
+        both = {r.settings["detector"]: r for r in exp.evaluate(["knn", "tempscale"]).runs}
+    assert "validation" not in alone.settings and "validation" not in both["knn"].settings
+    assert both["tempscale"].settings["validation"]["id_val"]["n"] == 76
+    assert [r["auroc"] for r in both["knn"].records] == [r["auroc"] for r in alone.records]
+    # a strategy standardised on validation: that detector (only) fits on ID train minus the hold-out
+    z = exp.evaluate("knn", strategy="zscore").runs[0]
+    held = z.settings["validation"]["fit_on"]
+    assert held["n"] == len(exp.train_source) - 76 and held["holdout"]
