@@ -53,6 +53,12 @@ PrecisionOpt = typer.Option("fp32", "--precision", help="Forward-pass precision:
                             "part of the view cache key.")
 ChannelsLastOpt = typer.Option(False, "--channels-last", help="Run the network in channels_last memory format.")
 CompileOpt = typer.Option(False, "--compile", help="torch.compile the network for extraction.")
+ModesAtOnceOpt = typer.Option(None, "--modes-at-once", min=1, help="Extraction: networks loaded and run on each "
+                              "decoded batch together (default: all the modes; each split is read once per group).",
+                              show_default=False)
+KnnMemoryOpt = typer.Option(None, "--knn-memory", help="Memory cap of the knn/nnguide train bank, e.g. 8GB: a "
+                            "larger bank is written to <cache-dir>/banks and searched block by block (same "
+                            "scores). Default: no cap.", show_default=False)
 
 
 def names(spec: Optional[str]) -> list[str]:
@@ -80,6 +86,8 @@ EXPERIMENT_OPTIONS = {
     "precision": (str, PrecisionOpt),
     "channels_last": (bool, ChannelsLastOpt),
     "compile": (bool, CompileOpt),
+    "modes_at_once": (Optional[int], ModesAtOnceOpt),
+    "knn_memory": (Optional[str], KnnMemoryOpt),
 }
 
 
@@ -99,9 +107,14 @@ def experiment(options: dict):
     bench = get_benchmark(o["benchmark"] or modes.dataset, o["data_root"], ood=names(o["ood"]),
                           imglist=o["imglist"] or [], imglist_root=o["imglist_root"], corruptions=o["corruptions"],
                           val_ood=names(options.get("val_ood")))
-    return Experiment(modes, bench, cache_dir=o["cache_dir"], device=o["device"], fit_fraction=o["fit_fraction"],
-                      batch_size=o["batch_size"], workers=o["workers"], precision=o["precision"],
-                      channels_last=o["channels_last"], compile=o["compile"])
+    from oodens.detectors.feature import parse_size, set_bank_memory
+
+    memory = parse_size(o["knn_memory"]) if o["knn_memory"] else None  # before any work
+    exp = Experiment(modes, bench, cache_dir=o["cache_dir"], device=o["device"], fit_fraction=o["fit_fraction"],
+                     batch_size=o["batch_size"], workers=o["workers"], precision=o["precision"],
+                     channels_last=o["channels_last"], compile=o["compile"], modes_at_once=o["modes_at_once"])
+    set_bank_memory(memory, exp.cache.root / "banks")
+    return exp
 
 
 def _add_options(func, extra: list[inspect.Parameter]):

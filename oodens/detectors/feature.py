@@ -3,7 +3,10 @@
 Default ensemble strategy ``concat``: concatenate the members' features (per-member
 L2-normalised for knn) and fit on the concatenated ID training features.
 Both fit and score in blocks of ``CHUNK`` rows, so memory beyond the (memory-mapped)
-features stays bounded: knn holds the normalised float32 bank once (n x D x 4 bytes),
+features stays bounded: knn holds the normalised float32 bank once (n x D x 4 bytes), or, when
+that exceeds the bank memory cap (:func:`set_bank_memory`, ``--knn-memory 8GB``), writes it once
+to a file in the cache folder and searches it block by block, merging the per-block top-k exactly
+(:func:`build_bank`, :func:`bank_search`: the same neighbours and distances as the in-memory search);
 mahalanobis holds class means and one D x r whitening matrix (its fit peaks at about
 two D x D float64 matrices), rmds one more mean and whitening matrix. The shared pieces
 (:func:`class_means`, :func:`scatter`, :func:`pinv_factor`) serve other Gaussian detectors too.
@@ -11,7 +14,13 @@ two D x D float64 matrices), rmds one more mean and whitening matrix. The shared
 
 from __future__ import annotations
 
+import os
+import re
+import uuid
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -25,6 +34,155 @@ CHUNK = 8192  # query rows per block
 def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)
+
+
+# --------------------------------------------------------------------------- banks larger than memory
+
+#: the bank memory cap (bytes, None: no cap) and the folder of the on-disk banks (None: <default cache>/banks)
+_BANK = {"memory": None, "folder": None}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text) -> int:
+    """``8GB``, ``512MB``, ``1.5G``, ``64kB``, ``2GiB`` or a number of bytes -> bytes (k/M/G/T: powers of 1000,
+    with ``i``: of 1024)."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise OodensError(f"--knn-memory {text!r}: expected a size such as 8GB, 512MB or a number of bytes")
+        base = 1024 if m.group(3) else 1000
+        value = int(float(m.group(1)) * base ** "_kmgt".index(m.group(2).lower() or "_"))
+    if value <= 0:
+        raise OodensError(f"--knn-memory {text!r}: expected a size > 0")
+    return value
+
+
+def set_bank_memory(memory=None, folder: str | Path | None = None) -> None:
+    """Cap the memory of the train banks that knn and nnguide keep (a size: ``"8GB"``, bytes; None: no cap).
+    A bank above the cap is written once to ``folder`` (default: ``<default cache>/banks``; the CLI uses
+    ``<--cache-dir>/banks``) and searched block by block with exactly the in-memory search's results."""
+    _BANK["memory"] = None if memory in (None, "", 0) else parse_size(memory)
+    _BANK["folder"] = None if folder is None else Path(folder)
+
+
+def bank_memory() -> int | None:
+    return _BANK["memory"]
+
+
+def _bank_folder() -> Path:
+    if _BANK["folder"] is not None:
+        return _BANK["folder"]
+    from oodens.runtime.paths import default_cache_dir
+
+    return default_cache_dir() / "banks"
+
+
+def _blas_rows() -> int:
+    """faiss's block of database rows in its exact search (``distance_compute_blas_database_bs``): on-disk banks
+    are searched in multiples of it, so every distance is computed by the same BLAS call as in memory."""
+    import faiss
+
+    return int(getattr(getattr(faiss, "cvar", None), "distance_compute_blas_database_bs", 1024) or 1024)
+
+
+def _clean_stale_banks(folder: Path) -> None:
+    for f in folder.glob("bank-*.npy*"):
+        try:
+            pid = int(f.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (IndexError, ValueError, PermissionError, OSError):
+            continue
+
+
+def build_bank(n: int, d: int, blocks: Iterable[np.ndarray]) -> np.ndarray:
+    """The (n, d) float32 bank made of ``blocks`` (in row order): in memory, or, when n * d * 4 bytes exceed
+    :func:`bank_memory`, written once (sequential writes, never resident) to a ``.npy`` file in the bank folder
+    and returned memory-mapped read-only (the file is removed when the array is no longer referenced)."""
+    cap = bank_memory()
+    if cap is None or n * d * 4 <= cap:
+        bank = np.empty((n, d), dtype=np.float32)
+        s = 0
+        for b in blocks:
+            bank[s : s + len(b)] = b
+            s += len(b)
+        return bank
+    folder = _bank_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _clean_stale_banks(folder)
+        path = folder / f"bank-{os.getpid()}-{uuid.uuid4().hex[:12]}.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})
+            rows = 0
+            for b in blocks:
+                b = np.ascontiguousarray(b, dtype="<f4")
+                f.write(memoryview(b).cast("B"))
+                rows += len(b)
+        if rows != n:
+            tmp.unlink(missing_ok=True)
+            raise ValueError(f"bank blocks hold {rows} rows, expected {n}")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OodensError(f"cannot write the knn bank ({n} x {d} float32, {n * d * 4 / 1e9:.1f} GB) to {folder}: "
+                          f"{e.strerror or e}: expected a writable cache folder with that much space, or a larger "
+                          f"--knn-memory") from None
+    bank = np.load(path, mmap_mode="r")
+    weakref.finalize(bank, _unlink, str(path))
+    return bank
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def bank_search(q: np.ndarray, bank: np.ndarray, k: int, metric=None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices) of the k nearest bank rows of each query row (faiss's exact search; ``metric``
+    faiss.METRIC_L2 by default, or METRIC_INNER_PRODUCT: the largest). A bank on disk (:func:`build_bank`) is
+    read block by block into one reused buffer (at most half the memory cap, whole multiples of faiss's
+    database block, so each distance comes from the same BLAS call as in memory), each block searched by faiss
+    and the top-k merged keeping, among tied distances, the smallest indices: the same distances as the
+    in-memory search, bit for bit, and for METRIC_L2 the same indices (faiss keeps the smallest index among
+    ties too); for inner products faiss's choice among exactly tied values at the k-th place follows its
+    heap, so the indices may differ there (the values, all the scores read, do not)."""
+    import faiss
+
+    metric = faiss.METRIC_L2 if metric is None else metric
+    if not isinstance(bank, np.memmap):
+        return faiss.knn(q, bank, k, metric=metric)
+    n, d = bank.shape
+    unit = _blas_rows()
+    cap = bank_memory() or n * d * 4
+    rows = max(unit, (cap // 2 // (d * 4)) // unit * unit)
+    buf = np.empty((min(rows, n), d), dtype=np.float32)
+    largest = metric == faiss.METRIC_INNER_PRODUCT
+    best_d = np.full((len(q), k), -np.inf if largest else np.inf, dtype=np.float32)
+    best_i = np.full((len(q), k), -1, dtype=np.int64)
+    with open(bank.filename, "rb", buffering=0) as f:
+        for b0 in range(0, n, rows):
+            m = min(rows, n - b0)
+            view = buf[:m]
+            f.seek(bank.offset + b0 * d * 4)
+            got = f.readinto(memoryview(view).cast("B"))
+            if got != m * d * 4:
+                raise OodensError(f"knn bank {bank.filename} is truncated: expected {n} rows of {d} float32")
+            dist, idx = faiss.knn(q, view, min(k, m), metric=metric)
+            dist = np.concatenate([best_d, dist], axis=1)
+            idx = np.concatenate([best_i, idx + b0], axis=1)
+            order = np.lexsort((idx, -dist if largest else dist), axis=1)[:, :k]
+            best_d = np.take_along_axis(dist, order, axis=1)
+            best_i = np.take_along_axis(idx, order, axis=1)
+    if largest:  # faiss lists tied largest inner products by decreasing index
+        order = np.lexsort((-best_i, -best_d), axis=1)
+        best_d, best_i = np.take_along_axis(best_d, order, axis=1), np.take_along_axis(best_i, order, axis=1)
+    return best_d, best_i
 
 
 @dataclass
@@ -58,7 +216,11 @@ class KNN(FeatureDetector):
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
     The exact flat index moves to the GPU when faiss has GPU support and sees a GPU.
 
-    Learned by ``fit``: ``bank_`` (the normalised float32 ID-train features; None on the GPU),
+    Memory: the bank is n x D x 4 bytes; above the cap set by ``--knn-memory`` (:func:`set_bank_memory`)
+    it lives in a file in the cache folder and is searched block by block, with the same results.
+
+    Learned by ``fit``: ``bank_`` (the normalised float32 ID-train features, in memory or memory-mapped
+    from its file; None on the GPU),
     ``index_`` (the GPU flat index, or None), ``n_samples_fit_``, ``n_features_in_``.
     """
 
@@ -89,12 +251,11 @@ class KNN(FeatureDetector):
             for s in range(0, len(feats), CHUNK):  # normalised block by block into GPU memory
                 index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
         else:
-            # CPU: the normalised bank is written once into a preallocated array and searched in
-            # place by faiss's exact brute-force kernel (a flat index would copy it and grow its
-            # storage by doubling: twice the memory)
-            bank = np.empty(feats.shape, dtype=np.float32)
-            for s in range(0, len(feats), CHUNK):
-                bank[s : s + CHUNK] = l2_normalize(feats[s : s + CHUNK])
+            # CPU: the normalised bank is written once (into a preallocated array, or a file when it exceeds
+            # the bank memory cap) and searched in place by faiss's exact brute-force kernel (a flat index
+            # would copy it and grow its storage by doubling: twice the memory)
+            bank = build_bank(len(feats), feats.shape[1], (l2_normalize(feats[s : s + CHUNK])
+                                                           for s in range(0, len(feats), CHUNK)))
         self.bank_, self.index_, self.gpu_resources_ = bank, index, gpu
         self.n_samples_fit_, self.n_features_in_ = len(feats), feats.shape[1]
         return self
@@ -110,7 +271,7 @@ class KNN(FeatureDetector):
             if self.index_ is not None:
                 dist2, _ = self.index_.search(q, self.k)
             else:
-                dist2, _ = faiss.knn(q, self.bank_, self.k, metric=faiss.METRIC_L2)
+                dist2, _ = bank_search(q, self.bank_, self.k, faiss.METRIC_L2)
             out[s : s + CHUNK] = -np.sqrt(np.maximum(dist2[:, -1], 0.0))
         return out
 

@@ -21,7 +21,8 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, _is_real, check_is_fitted, param, register_detector
-from oodens.detectors.feature import l2_normalize, labelled_classes, mean_feature, scatter
+from oodens.detectors.feature import (bank_search, build_bank, l2_normalize, labelled_classes, mean_feature,
+                                      scatter)
 from oodens.detectors.subspace import vim_default_dim
 from oodens.errors import OodensError
 from oodens.views.types import Views
@@ -423,11 +424,9 @@ class NNGuide(GeometryDetector):
         self.validate_training_size(n)
         m = self.bank_size(n)
         rows = np.arange(n) if m == n else np.sort(np.random.default_rng(0).choice(n, m, replace=False))
-        bank = np.empty((m, feats.shape[1]), dtype=np.float32)
-        for s in self._blocks(m):
-            r = rows[s]
-            conf = logsumexp(_f64(z[r]), axis=1)
-            bank[s] = l2_normalize(feats[r]) * conf[:, None].astype(np.float32)
+        # in memory, or on disk above the bank memory cap (--knn-memory): see oodens.detectors.feature.build_bank
+        bank = build_bank(m, feats.shape[1], (l2_normalize(feats[rows[s]]) * logsumexp(
+            _f64(z[rows[s]]), axis=1)[:, None].astype(np.float32) for s in self._blocks(m)))
         self.bank_, self.n_samples_fit_ = bank, m
         self.n_features_in_, self.n_logits_in_ = feats.shape[1], z.shape[1]
         return self
@@ -441,7 +440,7 @@ class NNGuide(GeometryDetector):
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
             q = np.ascontiguousarray(l2_normalize(feats[s]))
-            sim, _ = faiss.knn(q, self.bank_, self.k, metric=faiss.METRIC_INNER_PRODUCT)
+            sim, _ = bank_search(q, self.bank_, self.k, faiss.METRIC_INNER_PRODUCT)
             out[s] = logsumexp(_f64(z[s]), axis=1) * _f64(sim).mean(axis=1)
         return out
 
