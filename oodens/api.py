@@ -435,7 +435,8 @@ class Experiment:
         detector supports, one run each). ``positive``: ``"id"`` (the papers') or ``"ood"`` (OpenOOD's FPR95).
         ``ensemble_sizes``: also score every k-of-N subset of the modes (k, a list, or ``"all"``), at most
         ``max_subsets`` per k (a seeded sample). ``skip_inapplicable``: skip (with a warning) detectors that
-        do not apply to these modes instead of raising (default: only for ``"all"``).
+        do not apply to these modes, or cannot be fitted or scored on them, instead of raising (default: only
+        for ``"all"``).
 
         ``select`` (``"auroc"`` or ``"fpr95"``) with ``grid`` (``{"knn": {"k": [10, 50]}}``): each member, the
         ensemble and every subset takes the grid values whose metric on the ID validation split against the
@@ -496,8 +497,9 @@ class Experiment:
             for strat in strategies:
                 try:
                     run = evaluate_detector(d, sets, strat, positive, sweep, quality, chosen, candidates)
-                except OodensError as e:  # "all": a strategy undefined on these scores is skipped, not fatal
-                    if strategy != "all":
+                except OodensError as e:  # "all": a detector that cannot fit these modes (openmax without a
+                    # correctly classified sample of a class) or a strategy undefined on these scores is skipped
+                    if strategy != "all" and strict:
                         raise
                     warnings.warn(f"skipping {d.name} · {strat}: {e}", OodensWarning, stacklevel=2)
                     continue

@@ -161,3 +161,21 @@ def test_validation_is_decided_per_detector(two_modes, tmp_path):
     z = exp.evaluate("knn", strategy="zscore").runs[0]
     held = z.settings["validation"]["fit_on"]
     assert held["n"] == len(exp.train_source) - 76 and held["holdout"]
+
+
+def test_all_skips_a_detector_that_cannot_fit_these_modes(two_modes, tmp_path, monkeypatch):
+    """``--detector all`` runs what it can: a detector whose fit fails on these modes is skipped with one
+    warning naming it (named explicitly, the same failure is the error)."""
+    from oodens.detectors import KNN
+    from oodens.errors import OodensError
+
+    def refuse(self, train):
+        raise OodensError("knn cannot fit here")
+
+    monkeypatch.setattr(KNN, "fit", refuse)
+    exp = oodens.Experiment(two_modes, oodens.get_benchmark("digits", ood=["letters"]), cache_dir=tmp_path / "c")
+    with pytest.warns(oodens.OodensWarning, match="skipping knn"):
+        res = exp.evaluate(["msp", "knn"], skip_inapplicable=True)
+    assert [r.settings["detector"] for r in res.runs] == ["msp"]
+    with pytest.raises(OodensError, match="knn cannot fit here"):
+        exp.evaluate(["msp", "knn"])
