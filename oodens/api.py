@@ -70,8 +70,19 @@ class ModeSet:
         return [m.name for m in self.modes]
 
     @property
+    def archs(self) -> list[str]:
+        """The members' architectures, each once, in member order (several for a heterogeneous set)."""
+        return list(dict.fromkeys(m.arch for m in self.modes))
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the members differ in architecture (tables then name each member's)."""
+        return len(self.archs) > 1
+
+    @property
     def arch(self) -> str:
-        return self.modes[0].arch
+        """The architecture, or for a mixed set its members' joined by ``+`` (``cnn+timm:vit_small_patch16_224``)."""
+        return "+".join(self.archs)
 
     @property
     def dataset(self) -> str:
@@ -506,8 +517,17 @@ class Experiment:
                 settings = {**base, "detector": d.name, "strategy": run.strategy, "params": run.params,
                             "positive": positive, "ood_sets": list(self.oods), "ensemble_sizes": sweep.sizes,
                             "max_subsets": max_subsets, "subset_seed": subset_seed, "leave_out": sets.leave_out}
-                runs.append(Run(settings, [{"benchmark": self.benchmark.name, **r} for r in run.records], run))
+                runs.append(Run(settings, [{"benchmark": self.benchmark.name, **r, **self._member_arch(r)}
+                                           for r in run.records], run))
         return Results(runs, extraction={"computed": ex.computed, "cached": ex.cached, "cache": str(self.cache.root)})
+
+    def _member_arch(self, record: dict) -> dict:
+        """A member's record of a mixed set carries its own ``arch`` (the run's is the set's, ``a+b``): the tables
+        name each member's architecture."""
+        if not self.modes.mixed or record.get("role") != "member":
+            return {}
+        by_name = {m.name: m.arch for m in self.modes}
+        return {"arch": by_name[record["member"]]} if record.get("member") in by_name else {}
 
     def _selections(self, dets: list[Detector], select: str | None, grid: dict | None) -> dict:
         """detector name -> :class:`Selection` (every detector when ``select``), checked before any work."""

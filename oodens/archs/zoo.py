@@ -15,8 +15,18 @@ The oodens interface is found generically, never per model name:
   pre_logits=True)``.
 
 So logits = classifier(forward_features(x)) equal the library's forward. The state dict of the wrapper is the
-library model's (its ``net.`` attribute prefix is removed on save and added on load). Stage maps (RankFeat, the
-layers/gram views, gradcam diversity) are not exposed: asking for them is a one-line error.
+library model's (its ``net.`` attribute prefix is removed on save and added on load).
+
+Stage maps (the layers/gram views, RankFeat, gradcam diversity), where the model exposes them:
+
+- torchvision ResNets (``torchvision.models.ResNet``: resnet*, resnext*, wide_resnet*): ``layer1..layer4``; RankFeat's
+  two stages are ``layer3`` and ``layer4``, the head ``fc(flatten(avgpool(.)))``.
+- timm models with ``forward_intermediates``: the maps it returns (``output_fmt="NCHW"``, one per ``feature_info``
+  entry; a ViT's patch tokens as a D x H x W map). RankFeat and gradcam also need the last map to be what the head
+  reads (``forward_head(last)`` = the logits; CNNs such as resnet, convnext, byobnet): checked on the first batch,
+  else a one-line error (a ViT's last map is normed tokens, not a stage map).
+
+Other models (torchvision's ViT, Swin, MobileNet, ...) expose none: asking for stage maps is a one-line error.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import torch
 from torch import nn
 
 from oodens.archs.registry import register_arch_family
+from oodens.archs.stages import Layer
 from oodens.errors import OodensError
 
 
@@ -47,10 +58,10 @@ class LibraryModel(nn.Module):
     the penultimate features, ``head()`` the final ``nn.Linear``."""
 
     def __init__(self, arch: str, net: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                 head: Callable[[nn.Module], nn.Module]):
+                 head: Callable[[nn.Module], nn.Module], stages: "Stages | None" = None):
         super().__init__()
         self.arch, self.net = arch, net
-        self._features, self._head = features, head
+        self._features, self._head, self._stages = features, head, stages
         linear = self.classifier
         if not isinstance(linear, nn.Linear):
             raise OodensError(f"architecture {arch}: its classifier is a {type(linear).__name__}, expected an "
@@ -72,13 +83,51 @@ class LibraryModel(nn.Module):
 
     def _no_stages(self, *args):
         raise OodensError(f"architecture {self.arch} exposes no stage maps: rankfeat, the layers/gram views and "
-                          f"gradcam diversity need an oodens architecture (R18, R50, ResNet18_32x32, ...)")
+                          f"gradcam diversity need an oodens architecture (R18, R50, ResNet18_32x32, ...), a "
+                          f"torchvision ResNet or a timm model with forward_intermediates")
 
-    rankfeat_stages = last_stage = logits_from_last_stage = _no_stages
+    def _need_stages(self) -> "Stages":
+        if self._stages is None:
+            self._no_stages()
+        return self._stages
 
     @property
-    def feature_layers(self):
-        self._no_stages()
+    def feature_layers(self) -> tuple[Layer, ...]:
+        """The stage outputs of the layers/gram views (modules of this wrapper, ``net.``-prefixed)."""
+        return self._need_stages().layers
+
+    def stage_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(penultimate features, the stage maps (B, C, ...) in forward order) of one forward pass: what the
+        layers/gram views read (:func:`oodens.views.kinds.clean_forward`)."""
+        return self._need_stages().maps(self.net, x)
+
+    def rankfeat_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._need_stages().rankfeat_stages(self.arch, self.net, x)
+
+    def last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self._need_stages().last_stage(self.net, a)
+
+    def logits_from_last_stage(self, a: torch.Tensor) -> torch.Tensor:
+        return self._need_stages().head(self.net, a)
+
+
+class Stages:
+    """How a library model exposes its stage maps (see the module docstring)."""
+
+    #: the stage outputs, as modules of the :class:`LibraryModel` (``net.<module>``)
+    layers: tuple[Layer, ...] = ()
+
+    def maps(self, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+    def rankfeat_stages(self, arch: str, net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def last_stage(self, net: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, net: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 # ------------------------------------------------------------------ torchvision
@@ -120,13 +169,41 @@ def _input_of(path: str):
     return features
 
 
+class TorchvisionResNetStages(Stages):
+    """``torchvision.models.ResNet``: stem, ``layer1..layer4``, ``avgpool``, ``fc`` (its ``_forward_impl``)."""
+
+    layers = tuple(Layer(f"net.layer{i}") for i in range(1, 5))
+
+    @staticmethod
+    def _stem(net, x):
+        return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+    def maps(self, net, x):
+        x, out = self._stem(net, x), []
+        for i in range(1, 5):
+            x = getattr(net, f"layer{i}")(x)
+            out.append(x)
+        return torch.flatten(net.avgpool(x), 1), out
+
+    def rankfeat_stages(self, arch, net, x):
+        second = net.layer3(net.layer2(net.layer1(self._stem(net, x))))
+        return second, net.layer4(second)
+
+    def last_stage(self, net, a):
+        return net.layer4(a)
+
+    def head(self, net, a):
+        return net.fc(torch.flatten(net.avgpool(a), 1))
+
+
 @register_arch_family("torchvision", _check_torchvision)
 def torchvision_model(model: str, num_classes: int) -> nn.Module:
     import torchvision
 
     net = torchvision.models.get_model(model, weights=None, num_classes=num_classes)
     path = _last_linear(net)
-    return LibraryModel(f"torchvision:{model}", net, _input_of(path), lambda n: n.get_submodule(path))
+    stages = TorchvisionResNetStages() if isinstance(net, torchvision.models.ResNet) else None
+    return LibraryModel(f"torchvision:{model}", net, _input_of(path), lambda n: n.get_submodule(path), stages)
 
 
 # ------------------------------------------------------------------ timm
@@ -151,7 +228,47 @@ def _timm_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
+class TimmStages(Stages):
+    """A timm model's ``forward_intermediates``: one NCHW map per ``feature_info`` entry; RankFeat's two stages are
+    the last two, the last stage the module of the last entry, the head ``forward_head``."""
+
+    def __init__(self, net: nn.Module):
+        self.modules = [str(f["module"]) for f in net.feature_info]
+        self.layers = tuple(Layer(f"net.{m}") for m in self.modules)
+        self.checked = False
+
+    def maps(self, net, x):
+        final, inter = net.forward_intermediates(x, output_fmt="NCHW")
+        return net.forward_head(final, pre_logits=True), list(inter)
+
+    def rankfeat_stages(self, arch, net, x):
+        final, (second, last) = net.forward_intermediates(x, indices=2, output_fmt="NCHW")
+        if not self.checked:  # once per model: the last map must be what the head reads, and the last stage's output
+            why = None
+            if final is not last and (final.shape != last.shape or not torch.equal(final, last)):
+                why = (f"its last map {tuple(last.shape[1:])} is not the features its head reads "
+                       f"{tuple(final.shape[1:])}")
+            else:
+                with torch.no_grad():
+                    again = self.last_stage(net, second.detach())
+                if again.shape != last.shape or not torch.allclose(again, last.detach(), rtol=1e-4, atol=1e-5):
+                    why = f"its module {self.modules[-1]} does not map the second-to-last map to the last"
+            if why:
+                raise OodensError(f"architecture {arch}: {why}: rankfeat and gradcam diversity need a network whose "
+                                  f"last stage feeds its pooling head (timm CNNs such as resnet, convnext); the "
+                                  f"layers/gram views work")
+            self.checked = True
+        return second, last
+
+    def last_stage(self, net, a):
+        return net.get_submodule(self.modules[-1])(a)
+
+    def head(self, net, a):
+        return net.forward_head(a)
+
+
 @register_arch_family("timm", _check_timm)
 def timm_model(model: str, num_classes: int) -> nn.Module:
     net = _timm().create_model(model, pretrained=False, num_classes=num_classes)
-    return LibraryModel(f"timm:{model}", net, _timm_features, lambda n: n.get_classifier())
+    stages = TimmStages(net) if hasattr(net, "forward_intermediates") and getattr(net, "feature_info", None) else None
+    return LibraryModel(f"timm:{model}", net, _timm_features, lambda n: n.get_classifier(), stages)

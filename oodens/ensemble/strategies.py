@@ -62,7 +62,12 @@ def concat(members: list[Views], detector: Detector) -> Views:
 
 
 def mean_features(members: list[Views], detector: Detector) -> Views:
-    """h_ens = mean_n h_n (raw features, as the mode-ensemble paper's KNN code)."""
+    """h_ens = mean_n h_n (raw features, as the mode-ensemble paper's KNN code); the members' widths must agree."""
+    widths = [int(np.shape(v.features)[1]) for v in members]
+    if len(set(widths)) > 1:
+        raise OodensError(f"strategy 'mean-features' averages the members' features, which needs equal widths, but "
+                          f"the members' features are {', '.join(map(str, widths))}-d (a set of mixed "
+                          f"architectures): expected concat or mean-scores")
     return Views(features=np.mean([np.asarray(v.features, dtype=np.float32) for v in members], axis=0),
                  labels=_labels(members))
 

@@ -267,7 +267,9 @@ def discover_modes(root: Path, flags: ModeFlags = ModeFlags()) -> list[Mode]:
 
 
 def check_consistent(modes: list[Mode]) -> None:
-    """All modes of a set share architecture, dataset, class count and preprocessing.
+    """All modes of a set share dataset, class count and preprocessing. Their architectures may differ (a
+    heterogeneous ensemble, e.g. a CNN and a ViT trained on the same classes): logit strategies combine them as
+    they are, ``concat`` joins features of per-member widths, and what needs equal widths says so.
 
     Leave-out members (ELOC; ``kept_classes`` in the sidecar) are the one relaxation: their heads
     predict different subsets of the dataset's ``num_classes`` classes, so their output widths may
@@ -275,7 +277,7 @@ def check_consistent(modes: list[Mode]) -> None:
     classes of the dataset."""
     first = modes[0]
     for m in modes[1:]:
-        for attr in ("arch", "num_classes", "dataset", "preset"):
+        for attr in ("num_classes", "dataset", "preset"):
             if getattr(m, attr) != getattr(first, attr):
                 raise OodensError(
                     f"mode {m.name} has {attr} {getattr(m, attr)!r} but mode {first.name} has "

@@ -31,7 +31,7 @@ from oodens.errors import OodensError
 from oodens.metrics import calibration as cal
 from oodens.metrics.ood import METRICS
 from oodens.report.tables import (CONVENTION, LABELS, _setting_order, arrow, families, ood_columns, setting_labels,
-                                  split_run)
+                                  set_arch, split_run)
 from oodens.runtime.paths import mode_set_name, safe_name
 
 #: the metric convention in file names
@@ -108,7 +108,7 @@ def stem(*fields: str) -> str:
 def mode_set_header(info: dict, sub: pd.DataFrame) -> str:
     """``digits · mode set shipped (5 modes of cnn)``: never an absolute install path."""
     n = int(sub["n_members"].max())
-    arch = sub["arch"].iloc[0] if "arch" in sub and len(sub) else ""
+    arch = set_arch(sub) if "arch" in sub and len(sub) else ""
     of = f" of {arch}" if arch else ""
     return f"{info['benchmark']} · mode set {mode_set_name(info['modes'])} ({n} mode{'s' if n != 1 else ''}{of})"
 

@@ -149,10 +149,25 @@ def family_title(info: dict, sub: pd.DataFrame) -> str:
     """``digits · shipped (5 modes of cnn)``: the benchmark and the mode set by its short name and member count;
     a superseded mode set (``--all-runs``) says so, with the date of its latest run."""
     n = int(sub["n_members"].max())
-    title = f"{info['benchmark']} · {mode_set_name(info['modes'])} ({plural(n, 'mode')} of {sub['arch'].iloc[0]})"
+    title = f"{info['benchmark']} · {mode_set_name(info['modes'])} ({plural(n, 'mode')} of {set_arch(sub)})"
     if "superseded" in sub and sub["superseded"].any():
         title += f", superseded run of {str(sub['created'].max())[:16].replace('T', ' ')}"
     return title
+
+
+def set_arch(sub: pd.DataFrame) -> str:
+    """The mode set's architecture: the run's (``a+b`` for a mixed set, whose member rows carry their own)."""
+    whole = sub.loc[sub["role"] != "member", "arch"] if "role" in sub else sub["arch"]
+    return str((whole if len(whole) else sub["arch"]).iloc[0])
+
+
+def member_labels(rows: pd.DataFrame) -> dict[str, str]:
+    """Member name -> its row label: the name, with its architecture (``seed-1 (cnn)``) when the members' rows
+    name several (a mixed set)."""
+    rows = rows[rows["role"] == "member"] if "role" in rows else rows
+    arch = rows.drop_duplicates("member").set_index("member")["arch"] if "arch" in rows else pd.Series(dtype=object)
+    mixed = arch.nunique() > 1
+    return {name: f"{name} ({arch[name]})" if mixed and arch.get(name) else name for name in rows["member"].unique()}
 
 
 def families(frame: pd.DataFrame, keys=FAMILY):
@@ -268,8 +283,9 @@ def _member_rows(block: pd.DataFrame, cells: list[tuple[str, str]], members: Opt
 
     names = sorted(modes["member"].unique())
     listed = show_members(len(names), members)
+    label = member_labels(modes)
     for name in names if listed else []:
-        rows.append([name] + [cell(mats[m], name, o, m) for m, o in cells])
+        rows.append([label[name]] + [cell(mats[m], name, o, m) for m, o in cells])
     if len(names) > 1:
         column = lambda m, o: mats[m][o] if o in mats[m].columns else []  # noqa: E731
         rows.append(["mean ± std"] + [fmt_mean_std(column(m, o), m) for m, o in cells])
@@ -596,11 +612,12 @@ def detector_tables(frame: pd.DataFrame, members: Optional[bool] = None) -> list
         heads = [h.replace("Acc. on set", "acc on set") for h in heads]
         rows = []
         listed = show_members(int(first["n_members"]), members)
+        label = member_labels(block)
         for ood, at in block.groupby("ood", sort=False):
             std = at[at["role"] == "std"]
             for _, r in at.iterrows():
                 if r["role"] == "member" and listed:
-                    rows.append([ood, r["member"], *_eval_cells(r, columns)])
+                    rows.append([ood, label.get(r["member"], r["member"]), *_eval_cells(r, columns)])
                 elif r["role"] == "mean":
                     rows.append([ood, "mean ± std", *_eval_cells(r, columns, std.iloc[0], int(r["n_members"]))])
                     if not listed:

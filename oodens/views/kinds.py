@@ -35,8 +35,14 @@ class Forward:
 
 def clean_forward(model, x: torch.Tensor, maps: bool = False) -> Forward:
     """logits = classifier(forward_features(x)); with ``maps``, the ``feature_layers`` maps of the same pass
-    (forward hooks on their modules, removed afterwards; on the eager modules of a compiled network)."""
+    (forward hooks on their modules, removed afterwards; on the eager modules of a compiled network), or, for a
+    network with ``stage_maps(x) -> (features, maps)`` (torchvision/timm models, :mod:`oodens.archs.zoo`), its own."""
     net = getattr(model, "eager", model) if maps else model
+    given = getattr(net, "stage_maps", None) if maps else None
+    if given is not None:  # a library model gives its maps itself (timm's forward_intermediates; oodens.archs.zoo)
+        with torch.no_grad():
+            h, stage = given(x)
+            return Forward(net.classifier(h), h, list(stage))
     layers = net.feature_layers if maps else ()
     outs: list[torch.Tensor | None] = [None] * len(layers)
 
