@@ -23,7 +23,7 @@ from scipy.special import logsumexp, softmax
 from oodens.detectors.base import Detector, _is_real, check_is_fitted, param, register_detector
 from oodens.detectors.feature import (bank_search, build_bank, l2_normalize, labelled_classes, mean_feature,
                                       scatter)
-from oodens.detectors.subspace import vim_default_dim
+from oodens.detectors.subspace import principal_dim
 from oodens.errors import OodensError
 from oodens.views.types import Views
 
@@ -102,15 +102,7 @@ class Residual(GeometryDetector):
     def fit(self, train: Views) -> "Residual":
         feats = self._train_features(train)
         d_feat = feats.shape[1]
-        if self.dim is None:
-            d = vim_default_dim(d_feat)
-            if not 0 < d < d_feat:
-                raise self._param_error("dim", f"gives d = {d} for {d_feat}-d features: expected features of at "
-                                               f"least 2 dimensions")
-        elif not self.dim < d_feat:
-            raise self._param_error("dim", f"is out of range for {d_feat}-d features: expected 1..{d_feat - 1}")
-        else:
-            d = self.dim
+        d = principal_dim(self, d_feat)
         w, b = self._head(train, d_feat)
         u = -np.linalg.pinv(w) @ b
         lam, vec = np.linalg.eigh(scatter(feats, u))  # (1/n) sum (h - u)(h - u)^T, in blocks

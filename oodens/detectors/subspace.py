@@ -16,6 +16,20 @@ def vim_default_dim(d: int) -> int:
     return 1000 if d >= 1500 else 512 if d >= 768 else d // 2
 
 
+def principal_dim(detector: Detector, d_feat: int) -> int:
+    """The principal dimension d of ``detector`` (its ``dim``, else :func:`vim_default_dim`) for ``d_feat``-d
+    features: 0 < d < d_feat, else a ParameterError naming ``dim``."""
+    if detector.dim is None:
+        d = vim_default_dim(d_feat)
+        if not 0 < d < d_feat:
+            raise detector._param_error("dim", f"gives d = {d} for {d_feat}-d features: expected features of at "
+                                               "least 2 dimensions")
+        return d
+    if not detector.dim < d_feat:
+        raise detector._param_error("dim", f"is out of range for {d_feat}-d features: expected 1..{d_feat - 1}")
+    return detector.dim
+
+
 @register_detector
 @dataclass
 class ViM(Detector):
@@ -47,15 +61,7 @@ class ViM(Detector):
         self.validate()
         h = np.asarray(self._matrix(train, "features"), dtype=np.float64)
         d_feat = h.shape[1]
-        if self.dim is None:
-            d = vim_default_dim(d_feat)
-            if not 0 < d < d_feat:
-                raise self._param_error("dim", f"gives d = {d} for {d_feat}-d features: expected features of at "
-                                               f"least 2 dimensions")
-        elif not self.dim < d_feat:
-            raise self._param_error("dim", f"is out of range for {d_feat}-d features: expected 1..{d_feat - 1}")
-        else:
-            d = self.dim
+        d = principal_dim(self, d_feat)
         w, b = self._head(train, d_feat)
         z = np.asarray(self._matrix(train, "logits", w.shape[0]), dtype=np.float64)
         u = -np.linalg.pinv(w) @ b
