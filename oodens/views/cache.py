@@ -58,8 +58,10 @@ except ImportError:  # pragma: no cover (Windows): no advisory locks, concurrent
     fcntl = None
 
 #: 2: meta.json records each array's size, mtime, sha256, shape and dtype; the key holds the model
-#: (architecture, head width). Views of format 1 (``views/v1``) are not read: they are recomputed.
-FORMAT_VERSION = 2
+#: (architecture, head width). 3: resizing rounds the longer side down as torchvision's Resize (it rounded
+#: to nearest), so a non-square image's views may differ by a pixel row. Views of older formats
+#: (``views/v1``, ``views/v2``) are not read: they are recomputed.
+FORMAT_VERSION = 3
 
 
 def view_key(checkpoint_sha: str, dataset: dict, preset: dict, spec: ViewSpec = BASE, precision: str = "fp32",
