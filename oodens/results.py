@@ -33,7 +33,7 @@ import json
 import math
 import os
 import warnings
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,7 @@ def save_run(results_dir: Path, settings: dict, records: list[dict]) -> Path:
     leaves no temp file and raises an :class:`OodensError` naming the file, the reason and, for a full disk,
     the bytes needed; an earlier file of the same settings stays as it was."""
     path = Path(results_dir) / "runs" / f"{settings_key(settings)}.json"
-    created = datetime.now().astimezone().isoformat(timespec="microseconds")
+    created = datetime.now(timezone.utc).isoformat(timespec="microseconds")  # one clock for every node
     payload = {"settings": settings, "created": created, "records": records}
     payload[CHECKSUM] = run_checksum(payload)
     data = (json.dumps(payload, indent=1) + "\n").encode()
@@ -169,13 +169,18 @@ def _read_run(f: Path) -> tuple[str, pd.DataFrame]:
     return created, frame
 
 
+def created_time(created) -> pd.Series:
+    """Run times as UTC timestamps, whatever offset or format a run file wrote (unparsable: NaT, sorted first)."""
+    return pd.to_datetime(pd.Series(created, dtype=object), utc=True, format="ISO8601", errors="coerce")
+
+
 def mark_superseded(frame: pd.DataFrame) -> pd.DataFrame:
     """Set ``superseded`` on the rows of runs whose mode set is not the one of their folder's latest run on
     that benchmark (the folder's modes changed since). Runs without checkpoint hashes are never superseded."""
     frame = frame.copy()
     known = frame[frame["modeset"] != ""]
-    latest = (known.sort_values("created", kind="stable").groupby(["benchmark", "modes"])["modeset"].last()
-              if len(known) else pd.Series(dtype=object))
+    latest = (known.assign(_t=created_time(known["created"])).sort_values("_t", kind="stable")
+              .groupby(["benchmark", "modes"])["modeset"].last() if len(known) else pd.Series(dtype=object))
     current = frame.set_index(["benchmark", "modes"]).index.map(lambda key: latest.get(key, ""))
     frame["superseded"] = (frame["modeset"] != "") & (frame["modeset"].to_numpy() != np.asarray(current, dtype=object))
     return frame
@@ -211,7 +216,8 @@ def load_frame(results_dir: Path) -> pd.DataFrame:
     if not runs:
         raise OodensError(f"no readable results in {results_dir}: all {len(damaged)} run files are damaged (rerun "
                           "`oodens eval`)")
-    runs.sort(key=lambda r: r[0])
+    times = created_time([r[0] for r in runs]).fillna(pd.Timestamp.min.tz_localize("UTC"))  # oldest first
+    runs = [runs[i] for i in sorted(range(len(runs)), key=lambda i: times[i])]
     frame = pd.concat([r[1] for r in runs], ignore_index=True)
     return mark_superseded(frame.drop_duplicates(ROW, keep="last").reset_index(drop=True))
 

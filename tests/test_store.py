@@ -289,3 +289,44 @@ def test_the_soup_row_shows_beside_the_ensemble():
     (table,) = ood_tables(frame, ["auroc"])
     cells = table.frame.set_index("member")
     assert cells.loc["soup", "letters"] == "93.5" and cells.loc["ensemble (2)", "letters"] == "94.0"
+
+
+def test_the_latest_run_is_decided_by_time_not_by_text():
+    """Run times written with other offsets (nodes in other time zones, older releases without a colon in the
+    offset) are compared as instants: the run written last wins, whatever its string sorts as."""
+    import pandas as pd
+
+    from oodens.results import mark_superseded
+
+    rows = [{"benchmark": "digits", "modes": "/m", "modeset": "old", "created": "2026-12-01T10:30:00+02:00"},
+            {"benchmark": "digits", "modes": "/m", "modeset": "new", "created": "2026-12-01T09:00:00.000001+00:00"},
+            {"benchmark": "digits", "modes": "/m", "modeset": "older", "created": "2026-12-01T05:00:00-0200"}]
+    # as strings "2026-12-01T10:30" sorts last, but it is 08:30 UTC: the 09:00 UTC run is the latest
+    got = mark_superseded(pd.DataFrame(rows)).set_index("modeset")["superseded"]
+    assert got.to_dict() == {"old": True, "new": False, "older": True}
+
+
+def test_gain_rows_average_the_sets_every_row_has():
+    import pandas as pd
+
+    cells = [{"setting": s, "detector": d, "strategy": "x", "ood": o, "kind": "semantic", "metric": "auroc",
+              "mean": 0.9, "ensemble": e, "in_family": True, "p_beat": 1.0}
+             for s, d, sets in (("a", "knn", {"s1": 0.95, "s2": 0.97, "s3": 0.99}), ("b", "msp", {"s1": 0.92, "s2": 0.94}))
+             for o, e in sets.items()]
+    got = stats.ensemble_gain(pd.DataFrame(cells)).set_index("setting")
+    assert got.loc["a", "oods"] == ["s1", "s2"] and got.loc["a", "gain"] == pytest.approx(0.06)
+    assert got.loc["b", "gain"] == pytest.approx(0.03)
+
+
+def test_strategy_table_keeps_differently_fitted_runs_apart(env, capsys):
+    # knn on the whole training split (concat), then under --strategy zscore, which fits on train minus the hold-out
+    assert run(["eval", "--detector", "knn", "--json"], capsys)[0] == 0
+    assert run(["eval", "--detector", "knn", "--strategy", "zscore", "--json"], capsys)[0] == 0
+    assert run(["eval", "--detector", "knn", "--strategy", "mean-scores", "--json"], capsys)[0] == 0
+    code, out, err = run(["report", "--markdown", "--tables", "strategy", "--metric", "auroc"], capsys)
+    assert code == 0, err
+    (title, body), = markdown_tables(out)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in body.splitlines() if line.startswith("|")][2:]
+    labels = [r[0] for r in rows]
+    assert labels == ["knn (k=50)", "knn (k=50, fit=train-val)"]  # two variants, never one row
+    assert rows[0][3] == "—" and rows[1][2] == "—"  # zscore only in the variant fitted on train minus the hold-out

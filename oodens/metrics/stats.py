@@ -98,10 +98,13 @@ def gain(mean: float, ensemble: float, metric: str) -> float:
 
 def ensemble_gain(cells: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """Per detector setting: the mean gain of the ensemble over the modes' mean across the independent OOD sets
-    of ``cells`` (:func:`mode_stats` rows with ``in_family`` and a semantic kind: near, far, semantic), its
+    that every setting of ``cells`` has (:func:`mode_stats` rows with ``in_family`` and a semantic kind: near, far, semantic), its
     paired t-interval over those sets (NaN for one set) and the mean over sets of :func:`beat_probability`."""
     rows = []
     sets = cells[cells["in_family"] & cells["kind"].isin(("near", "far", "semantic"))]
+    if len(sets):  # the sets every setting has: each row's gain averages the same sets (--ood may have changed)
+        common = set.intersection(*sets.groupby("setting")["ood"].agg(set))
+        sets = sets[sets["ood"].isin(common)]
     for setting, part in sets.groupby("setting", sort=False):
         g = np.array([gain(r.mean, r.ensemble, r.metric) for r in part.itertuples()])
         low, high = t_interval(g, level)

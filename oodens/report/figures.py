@@ -9,7 +9,7 @@ File names come from the content only, never from the order the runs were stored
 - mode set: :func:`mode_slugs` (``shipped``, else the last two folders of its path, longer where two mode sets
   of the results would share a name);
 - detector group: ``all`` when one strip plot holds every detector, else the detectors' family
-  (``oodens.detectors.DETECTORS[name].family``; ``logit-2`` for the second part of a family too big for one
+  (``oodens.detectors.DETECTORS[name].family``; ``logit_2`` for the second part of a family too big for one
   figure); ensemble-size figures are always one per family (one colour and marker per detector);
 - kind: ``strip``, ``size``; convention: ``idpos`` (ID positive, the papers') or ``oodpos`` (OpenOOD).
 
@@ -83,7 +83,8 @@ def mode_slugs(modes) -> dict[str, str]:
     """File-name field of each mode set (paths as stored): ``shipped`` for the shipped modes, else the last two
     folders of :func:`~oodens.runtime.paths.mode_set_name` (``save/ImageNet/DN121`` -> ``ImageNet_DN121``).
     Mode sets that would share a field get their whole name (``save_ImageNet_DN121``), then, if still equal,
-    a hash of the resolved path: two mode sets never share one. Depends on the set of mode sets, not their order."""
+    a hash of the resolved path: two folders never share one (a superseded mode set of the same folder, shown by
+    ``--all-runs``, adds ``superseded_<modeset>`` to its names). Depends on the set of mode sets, not their order."""
     names = {m: mode_set_name(m) for m in sorted(set(modes))}
     short = {m: n if n == "shipped" else slug("_".join(Path(n).parts[-2:])) for m, n in names.items()}
     out = {}
@@ -175,6 +176,8 @@ def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str
         detector = dict(zip(sub["setting"], sub["detector"]))
         header = mode_set_header(info, sub)
         base = (slug(info["benchmark"]), modes_field[info["modes"]])
+        if sub["superseded"].any():  # --all-runs: a folder's older mode set must not overwrite its current one
+            base += (f"superseded_{info['modeset'][:8]}",)
         conv = CONVENTION_SLUG.get(info["positive"], slug(info["positive"]))
         subsets = sub[sub["role"] == "subsets"]
         strip_groups = detector_groups(settings, detector, plots.strip_rows(len(cols)))
@@ -211,8 +214,9 @@ def write_plots(out: Path, frame: pd.DataFrame, metrics, oods: Optional[list[str
                                                     scale * std)
                 title = (f"{metric_title(m, info['positive'])}\n{header} · {len(members)} detectors of the "
                          f"{group} family · mean ± std over k-of-N subsets")
+                bounds = (0.0, scale) if METRICS[m].percent else None  # NLL and Brier have no upper bound
                 written += plots.ensemble_size_plot(curves, axis, title, out / stem(*base, group, "size", m, conv),
-                                                    (0.0, scale))
+                                                    bounds)
     for run, (id_s, by_set) in sorted((scores or {}).items()):
         det, strategy = split_run(run, frame)  # names may hold "-"
         rows = frame[(frame["detector"] == det) & (frame["strategy"] == strategy)]

@@ -217,11 +217,12 @@ def align_averages(sub: pd.DataFrame) -> pd.DataFrame:
         if row not in rows:
             out.loc[at, values] = np.nan
             continue
-        means = (semantic[semantic["ood"].isin(rows[row])].fillna({"stat": ""}).groupby(id_cols, dropna=False)[values]
-                 .mean())
+        means = (semantic[semantic["ood"].isin(rows[row])].fillna({"k": -1.0, "stat": ""})
+                 .groupby(id_cols)[values].mean())
         for i in out.index[at]:
             r = out.loc[i]
-            key = (r["setting"], r["role"], r["member"], r["k"], r["stat"] if isinstance(r["stat"], str) else "")
+            key = (r["setting"], r["role"], r["member"], r["k"] if np.isfinite(r["k"]) else -1.0,
+                   r["stat"] if isinstance(r["stat"], str) else "")
             out.loc[i, values] = means.loc[key].to_numpy() if key in means.index and r["stat"] != "std" else np.nan
     return out
 
@@ -444,8 +445,11 @@ def strategy_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional
     bold (Markdown ``**``). Only for mode sets where some detector was evaluated under several strategies."""
     out = []
     for title, info, sub in families(frame):
+        # a row per detector *variant*: its setting less the strategy (hyperparameters, fit fraction, fit=train-val,
+        # select=...), so that runs fitted differently are never one row
+        sub = sub.assign(variant=[st.replace(f" · {sg}", "", 1) for st, sg in zip(sub["setting"], sub["strategy"])])
         ens = sub[sub["role"] == "ensemble"]
-        if ens.empty or ens.groupby(["detector", "params", "fit_fraction"])["strategy"].nunique().max() < 2:
+        if ens.empty or ens.groupby("variant")["strategy"].nunique().max() < 2:
             continue
         target = "average" if "average" in set(sub["ood"]) else (ood_columns(sub, oods) or [None])[-1]
         if target is None:
@@ -455,21 +459,18 @@ def strategy_tables(frame: pd.DataFrame, metrics=DEFAULT_METRICS, oods: Optional
         for m in metrics:
             better = max if METRICS[m].higher_is_better else min
             rows, bold = [], set()
-            groups = ens[ens["ood"] == target].groupby(["detector", "params", "fit_fraction"], sort=False)
-            for (det, params, _), block in sorted(groups, key=lambda g: min(order[s] for s in g[1]["setting"])):
+            groups = ens[ens["ood"] == target].groupby(["detector", "variant"], sort=False)
+            for (det, variant), block in sorted(groups, key=lambda g: min(order[s] for s in g[1]["setting"])):
                 values = dict(zip(block["strategy"], block[m]))
-                members = sub[(sub["role"] == "member") & (sub["ood"] == target) & (sub["detector"] == det)
-                              & (sub["params"] == params)]
+                members = sub[(sub["role"] == "member") & (sub["ood"] == target) & (sub["variant"] == variant)]
                 mean = fmt_mean_std(members.drop_duplicates("member")[m], m) if len(members) else "—"
                 finite = [v for v in values.values() if np.isfinite(v)]
                 best = better(finite) if finite else None
                 cells = [fmt(values[s], m) if s in values else "—" for s in strategies]
                 bold |= {(len(rows), s) for s in strategies
                          if s in values and len(finite) > 1 and values[s] == best}
-                several = ens.loc[ens["detector"] == det, "params"].nunique() > 1
-                label = det + (f" ({', '.join(f'{k}={v}' for k, v in json.loads(params).items())})"
-                               if several and params != "{}" else "")
-                rows.append([label, mean, *cells])
+                several = ens.loc[ens["detector"] == det, "variant"].nunique() > 1
+                rows.append([variant if several else det, mean, *cells])
             where = f"average over {', '.join(averaged_sets(sub).get('average', []))}" if target == "average" \
                 else target
             caption = (f"{CONVENTION[info['positive']]}. Values in % on the {where}; modes: mean ± std over modes "
@@ -656,7 +657,7 @@ def summary_table(frame: pd.DataFrame) -> Table:
             cells += [mean, _pct2(by_role["ensemble"][k])]
         rows.append([block["detector"].iloc[0], block["strategy"].iloc[0], *cells])
         order.append(-by_role["ensemble"]["auroc"])
-    rows = [r for _, r in sorted(zip(order, rows), key=lambda pair: pair[0])]
+    rows = [r for _, r in sorted(zip(order, rows), key=lambda pair: (not np.isfinite(pair[0]), pair[0]))]
     where = f"average over {', '.join(semantic)}" if target == "average" else target
     title = f"summary · {where} ({CONVENTION_TAG[first['positive']]})"
     heads = ["detector", "strategy", "FPR95 modes", "FPR95 ens.", "AUROC modes", "AUROC ens.", "AUPR-Out modes",
