@@ -568,3 +568,16 @@ def test_pruning_every_feature_names_the_detector(name):
     with pytest.raises(ParameterError, match=r"^p=99 prunes every feature") as info:
         DETECTORS[name](p=99.0).score(v)
     assert (info.value.owner, info.value.param) == (name, "p")
+
+
+@pytest.mark.parametrize("name", ["dice", "react-dice"])
+def test_fitted_heads_refuse_views_of_fewer_classes(name):
+    """A class-masked set (ImageNet-R's 200 of 1000 classes) holds fewer head rows than fit shaped: one error,
+    not a score over classes the set left out."""
+    from oodens.errors import OodensError
+
+    rng = np.random.default_rng(0)
+    h, w, b = rng.random((20, 6)), rng.normal(size=(4, 6)), rng.normal(size=4)
+    det = DETECTORS[name]().fit(Views(features=h, weight=w, bias=b, logits=h @ w.T + b))
+    with pytest.raises(OodensError, match="4-class head in fit, but these views hold 2 classes"):
+        det.score(Views(features=h, weight=w[:2], bias=b[:2], logits=(h @ w.T + b)[:, :2]))

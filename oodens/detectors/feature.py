@@ -87,10 +87,19 @@ def _blas_rows() -> int:
     return int(getattr(getattr(faiss, "cvar", None), "distance_compute_blas_database_bs", 1024) or 1024)
 
 
+def _bank_host() -> str:
+    """This host's name as a file-name field (a cache folder may be shared between hosts over NFS)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname()) or "host"
+
+
 def _clean_stale_banks(folder: Path) -> None:
-    for f in folder.glob("bank-*.npy*"):
+    """Remove the banks of dead processes of this host (another host's pid says nothing here)."""
+    for f in folder.glob(f"bank-{_bank_host()}-*.npy*"):
         try:
-            pid = int(f.name.split("-")[1])
+            pid = int(f.name.split("-")[2])
             os.kill(pid, 0)
         except ProcessLookupError:
             f.unlink(missing_ok=True)
@@ -114,7 +123,7 @@ def build_bank(n: int, d: int, blocks: Iterable[np.ndarray]) -> np.ndarray:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _clean_stale_banks(folder)
-        path = folder / f"bank-{os.getpid()}-{uuid.uuid4().hex[:12]}.npy"
+        path = folder / f"bank-{_bank_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.npy"
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})

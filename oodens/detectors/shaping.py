@@ -17,7 +17,7 @@ from scipy.special import logsumexp
 
 from oodens.detectors.base import check_is_fitted, param, register_detector
 from oodens.detectors.logit import LogitDetector
-from oodens.errors import ParameterError
+from oodens.errors import OodensError, ParameterError
 from oodens.views.types import Views
 
 
@@ -35,6 +35,16 @@ class ShapingDetector(LogitDetector):
 
     def score_logits(self, z):
         return logsumexp(z, axis=1)
+
+    def _fitted_head(self, views: Views) -> tuple[np.ndarray, np.ndarray]:
+        """The head shaped by ``fit`` (``weight_``, ``bias_``), checked against the classes of ``views``: views of a
+        class-masked set (ImageNet-R: 200 of 1000 classes) hold fewer rows, and scoring them with all the fitted
+        rows would read classes the set left out."""
+        w = getattr(views, "weight", None)
+        if w is not None and np.shape(w)[0] != self.weight_.shape[0]:
+            raise OodensError(f"{self.name} shaped a {self.weight_.shape[0]}-class head in fit, but these views hold "
+                              f"{np.shape(w)[0]} classes (a class-masked set): expected views of every class")
+        return self.weight_, self.bias_
 
 
 # --------------------------------------------------------------------------- shaping learned from ID-train features
@@ -83,7 +93,8 @@ class DICE(ShapingDetector):
         check_is_fitted(self)
         self.validate()
         h = self._matrix(views, "features", self.n_features_in_)
-        return np.asarray(h, dtype=np.float64) @ self.weight_.T + self.bias_
+        w, b = self._fitted_head(views)
+        return np.asarray(h, dtype=np.float64) @ w.T + b
 
 
 @register_detector
@@ -157,7 +168,8 @@ class ReActDICE(ShapingDetector):
         check_is_fitted(self)
         self.validate()
         h = np.asarray(self._matrix(views, "features", self.n_features_in_), dtype=np.float64)
-        return np.minimum(h, self.clip_) @ self.weight_.T + self.bias_
+        w, b = self._fitted_head(views)
+        return np.minimum(h, self.clip_) @ w.T + b
 
 
 def vra(h: np.ndarray, low: np.ndarray, high: np.ndarray, gamma: float) -> np.ndarray:

@@ -137,13 +137,6 @@ class MemberSet:
             return self.val_oods[key[len(VAL_OOD):]]
         return self.oods[key]
 
-    def subset(self, idx) -> "MemberSet":
-        pick = lambda views: [views[i] for i in idx]  # noqa: E731
-        return MemberSet([self.names[i] for i in idx], pick(self.train), pick(self.test),
-                         {o: pick(v) for o, v in self.oods.items()}, self.kinds,
-                         pick(self.val) if self.val is not None else None,
-                         {o: pick(v) for o, v in self.val_oods.items()}, masks=self.masks)
-
 
 def masked_id_key(ood: str) -> str:
     return f"{ID_KEY}@{ood}"
@@ -363,8 +356,8 @@ class Quality:
     def __init__(self, sets: MemberSet):
         labels = sets.labels
         self._sets = sets
-        # a masked set is labelled with positions in its kept classes (its own labels); the others are copies of
-        # the ID test split (corruptions): its labels
+        # a masked set is labelled with positions in its kept classes, a covariate-shift set with its own labels
+        # (OpenOOD's cifar10c, or corrupted copies of the ID test split); semantic OOD sets need none
         self._labels = {o: (np.asarray(sets.oods[o][0].labels) if o in sets.masks or sets.kinds.get(o) == "shift"
                             else labels) for o in sets.oods}
         for i, m in enumerate(sets.names):  # before any calibration arithmetic on them
@@ -410,6 +403,9 @@ class Candidate:
         if i not in self._fitted:
             det = _fresh(self.detector)
             if det.needs_fit and not det.ensemble_only:
+                if det.reads("val") and self.sets.val is None:
+                    raise OodensError(f"{det.name} fits on the ID validation split: expected MemberSet.val (the "
+                                      "members' views of it)")
                 det.fit_splits(self.sets.train[i], self.sets.val[i] if det.reads("val") else None)
             self._fitted[i] = det
         return self._fitted[i]
