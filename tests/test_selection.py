@@ -161,5 +161,8 @@ def test_cli_selection_records_say_what_was_chosen(two_modes, tmp_path, capsys):
     assert all(r["selected"]["params"]["k"] in (3, 50) and 0 <= r["selected"]["auroc"] <= 1
                for r in knn if r["role"] in ("member", "ensemble"))
     assert all("selected" not in r for r in records if r["detector"] == "msp")  # nothing to choose
-    stored = json.loads(next((tmp_path / "r" / "runs").glob("*.json")).read_text())["settings"]
+    runs = {r["settings"]["detector"]: r["settings"] for r in
+            (json.loads(f.read_text()) for f in (tmp_path / "r" / "runs").glob("*.json"))}
+    stored = runs["knn"]
     assert stored["validation"]["ood_val"] == {"noise-val": 720} and stored["validation"]["fit_on"]["n"] == 682
+    assert runs["msp"]["validation"]["fit_on"] is None  # msp fits nothing
