@@ -204,6 +204,20 @@ class Detector:
         self._check_width(a.shape[1], fitted, attr)
         return a
 
+    def _fit_features(self, train: Views) -> np.ndarray:
+        """The ID training features (n, D) a feature-fitted detector learns from, hyperparameters validated first."""
+        self.validate()
+        feats = self._matrix(train, "features")
+        if len(feats) == 0:
+            raise OodensError(f"{self.name} needs ID training features, but the training views have 0 samples")
+        return feats
+
+    def _score_features(self, views: Views) -> np.ndarray:
+        """The features to score (n, D), after checking the detector is fitted on D-d features (``n_features_in_``)."""
+        check_is_fitted(self)
+        self.validate()
+        return self._matrix(views, "features", self.n_features_in_)
+
     def _check_width(self, got: int, fitted: int | None, what: str) -> None:
         if fitted is not None and got != fitted:
             raise OodensError(f"{self.name} was fitted on {fitted}-d {what} but got {got}-d {what}")

@@ -24,7 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
-from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
+from oodens.detectors.base import Detector, param, register_detector
 from oodens.errors import OodensError
 from oodens.views.types import Views
 
@@ -201,19 +201,6 @@ class FeatureDetector(Detector):
     needs_fit = True
     strategies = ("concat", "mean-features", "mean-scores")
 
-    def _fit_features(self, train: Views) -> np.ndarray:
-        """The ID training features (n, D), hyperparameters validated first."""
-        self.validate()
-        feats = self._matrix(train, "features")
-        if len(feats) == 0:
-            raise OodensError(f"{self.name} needs ID training features, but the training views have 0 samples")
-        return feats
-
-    def _score_features(self, views: Views) -> np.ndarray:
-        """The features to score (n, D), after checking the detector is fitted on D-d features."""
-        check_is_fitted(self)
-        self.validate()
-        return self._matrix(views, "features", self.n_features_in_)
 
 
 @register_detector

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from oodens.detectors.base import Detector, _is_real, check_is_fitted, param, register_detector
-from oodens.detectors.feature import (bank_search, build_bank, l2_normalize, labelled_classes, mean_feature,
+from oodens.detectors.base import Detector, _is_real, param, register_detector
+from oodens.detectors.feature import (CHUNK, bank_search, build_bank, l2_normalize, labelled_classes, mean_feature,
                                       scatter)
 from oodens.detectors.subspace import principal_dim
 from oodens.errors import OodensError
 from oodens.views.types import Views
 
-CHUNK = 8192  # query rows per block (and training rows per block when fitting)
 BANK_CHUNK = 4096  # bank rows per block of a query x bank relation matrix (relation)
 
 
@@ -40,20 +39,6 @@ class GeometryDetector(Detector):
     needs_fit = True
     strategies = ("mean-scores",)
 
-    def _train_features(self, train: Views) -> np.ndarray:
-        """The ID training features (n, D), hyperparameters validated first."""
-        self.validate()
-        feats = self._matrix(train, "features")
-        if len(feats) == 0:
-            raise OodensError(f"{self.name} needs ID training features, but the training views have 0 samples")
-        return feats
-
-    def _query_features(self, views: Views) -> np.ndarray:
-        """The features to score (n, D), after checking the detector is fitted on D-d features."""
-        check_is_fitted(self)
-        self.validate()
-        return self._matrix(views, "features", self.n_features_in_)
-
     def _train_logits(self, train: Views, n: int) -> np.ndarray:
         z = self._matrix(train, "logits")
         if len(z) != n:
@@ -63,6 +48,17 @@ class GeometryDetector(Detector):
     def _blocks(self, n: int):
         for s in range(0, n, CHUNK):
             yield slice(s, min(s + CHUNK, n))
+
+
+@dataclass
+class CentredDetector(GeometryDetector):
+    """A geometry detector whose ``fit`` learns only the mean ID-train feature ``mean_`` (nci, fdbd)."""
+
+    def fit(self, train: Views) -> "CentredDetector":
+        feats = self._fit_features(train)
+        self.mean_ = mean_feature(feats)
+        self.n_features_in_ = feats.shape[1]
+        return self
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -100,7 +96,7 @@ class Residual(GeometryDetector):
         return self
 
     def fit(self, train: Views) -> "Residual":
-        feats = self._train_features(train)
+        feats = self._fit_features(train)
         d_feat = feats.shape[1]
         d = principal_dim(self, d_feat)
         w, b = self._head(train, d_feat)
@@ -113,7 +109,7 @@ class Residual(GeometryDetector):
         return self
 
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
             out[s] = -np.linalg.norm((_f64(feats[s]) - self.u_) @ self.ns_, axis=1)
@@ -164,7 +160,7 @@ class NECO(GeometryDetector):
         return self
 
     def fit(self, train: Views) -> "NECO":
-        feats = self._train_features(train)
+        feats = self._fit_features(train)
         n, d_feat = feats.shape
         if self.dim is None:
             classes, _ = labelled_classes(self, train, n)
@@ -192,7 +188,7 @@ class NECO(GeometryDetector):
         return self
 
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         z_logits = None
         if self.maxlogit:
             z_logits = self._matrix(views, "logits", getattr(self, "n_logits_in_", None))
@@ -214,7 +210,7 @@ def _head_logits(h: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @register_detector
 @dataclass
-class NCI(GeometryDetector):
+class NCI(CentredDetector):
     """NCI: ``w_yhat . (h - mu_G) / ||h - mu_G|| + alpha ||h||_1``, yhat = argmax of h W^T + b, mu_G
     the mean ID-train feature: proximity of the centred feature to the predicted class's weight vector
     (neural collapse: centred ID features align with their class weights), plus an L1-norm filter (ID
@@ -238,14 +234,8 @@ class NCI(GeometryDetector):
         self._check_nonnegative("alpha")
         return self
 
-    def fit(self, train: Views) -> "NCI":
-        feats = self._train_features(train)
-        self.mean_ = mean_feature(feats)
-        self.n_features_in_ = feats.shape[1]
-        return self
-
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         w, b = self._head(views, self.n_features_in_)
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
@@ -259,7 +249,7 @@ class NCI(GeometryDetector):
 
 @register_detector
 @dataclass
-class FDBD(GeometryDetector):
+class FDBD(CentredDetector):
     """fDBD: ``mean_{c != yhat} |(w_yhat - w_c) . h + (b_yhat - b_c)| / ||w_yhat - w_c||``, divided by
     ``||h - mu_train||``: the average feature-space distance to the decision boundaries between the
     predicted class yhat = argmax(h W^T + b) and the others, regularised by the distance to the mean
@@ -277,14 +267,8 @@ class FDBD(GeometryDetector):
 
     name = "fdbd"
 
-    def fit(self, train: Views) -> "FDBD":
-        feats = self._train_features(train)
-        self.mean_ = mean_feature(feats)
-        self.n_features_in_ = feats.shape[1]
-        return self
-
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         w, b = self._head(views, self.n_features_in_)
         n_classes = len(b)
         if n_classes < 2:
@@ -332,7 +316,7 @@ class SHE(GeometryDetector):
     needs = ("logits", "features")
 
     def fit(self, train: Views) -> "SHE":
-        feats = self._train_features(train)
+        feats = self._fit_features(train)
         n = len(feats)
         z = self._train_logits(train, n)
         y = np.asarray(self._array(train, "labels"))
@@ -357,7 +341,7 @@ class SHE(GeometryDetector):
         return self
 
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         z = self._matrix(views, "logits", self.n_logits_in_)
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
@@ -410,7 +394,7 @@ class NNGuide(GeometryDetector):
         return self
 
     def fit(self, train: Views) -> "NNGuide":
-        feats = self._train_features(train)
+        feats = self._fit_features(train)
         n = len(feats)
         z = self._train_logits(train, n)
         self.validate_training_size(n)
@@ -426,7 +410,7 @@ class NNGuide(GeometryDetector):
     def score(self, views: Views) -> np.ndarray:
         import faiss
 
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         z = self._matrix(views, "logits", self.n_logits_in_)
         self.validate_training_size(self.n_samples_fit_)  # k is read at query time (bank size is what fit kept)
         out = np.empty(len(feats))
@@ -468,7 +452,7 @@ class Relation(GeometryDetector):
         return self
 
     def fit(self, train: Views) -> "Relation":
-        feats = self._train_features(train)
+        feats = self._fit_features(train)
         n = len(feats)
         z = self._train_logits(train, n)
         bank = np.empty(feats.shape, dtype=np.float32)
@@ -481,7 +465,7 @@ class Relation(GeometryDetector):
         return self
 
     def score(self, views: Views) -> np.ndarray:
-        feats = self._query_features(views)
+        feats = self._score_features(views)
         z = self._matrix(views, "logits", self.n_logits_in_)
         out = np.zeros(len(feats))
         for s in self._blocks(len(feats)):
