@@ -253,7 +253,7 @@ class Experiment:
                  cache_dir: str | Path | None = None, device: str = "auto", fit_fraction: float = 1.0,
                  batch_size: int = 256, workers: int = 0, precision: str = "fp32", channels_last: bool = False,
                  compile: bool = False, class_masks: dict[str, Sequence[int] | str | Path] | None = None,
-                 modes_at_once: int | None = None):
+                 modes_at_once: int | None = None, decode: str = "cpu"):
         if not 0 < fit_fraction <= 1:
             raise ParameterError("experiment", "fit_fraction", fit_fraction, "is not a fraction in (0, 1]")
         if batch_size < 1:
@@ -274,7 +274,8 @@ class Experiment:
         self.masks = resolve_masks(self.oods, self.benchmark.num_classes, {**declared, **(class_masks or {})})
         self.run_options = {"batch_size": batch_size, "device": device, "workers": workers, "precision": precision,
                             "channels_last": channels_last, "compile": compile,
-                            "modes_at_once": modes_at_once}  # networks run per decoded batch (None: all)
+                            "modes_at_once": modes_at_once,  # networks run per decoded batch (None: all)
+                            "decode": decode}  # where image lists' JPEGs are decoded (oodens.views.decode)
         self._train: DataSource | None = None
         self._fit: DataSource | None = None
 

@@ -181,8 +181,10 @@ def test_interrupted_decode_once_extraction_resumes(three_modes, tmp_path, monke
 def capped(tmp_path):
     def cap(nbytes):
         F.set_bank_memory(nbytes, tmp_path / "banks")
+    F.set_bank_device("cpu")  # the host's banks (with CUDA visible they would live on the GPUs)
     yield cap
     F.set_bank_memory(None)
+    F.set_bank_device("auto")
 
 
 def _bank(n, d, seed=0):

@@ -56,6 +56,9 @@ CompileOpt = typer.Option(False, "--compile", help="torch.compile the network fo
 ModesAtOnceOpt = typer.Option(None, "--modes-at-once", min=1, help="Extraction: networks loaded and run on each "
                               "decoded batch together (default: all the modes; each split is read once per group).",
                               show_default=False)
+DecodeOpt = typer.Option("cpu", "--decode", help="Where image lists' JPEGs are decoded: cpu (Pillow's pixels, "
+                         "as published results), gpu (batched nvJPEG on the CUDA device: other pixels, other "
+                         "cached views) or auto (gpu on a CUDA device).")
 KnnMemoryOpt = typer.Option(None, "--knn-memory", help="Memory cap of the knn/nnguide train bank, e.g. 8GB: a "
                             "larger bank is written to <cache-dir>/banks and searched block by block (same "
                             "scores). Default: no cap.", show_default=False)
@@ -87,6 +90,7 @@ EXPERIMENT_OPTIONS = {
     "channels_last": (bool, ChannelsLastOpt),
     "compile": (bool, CompileOpt),
     "modes_at_once": (Optional[int], ModesAtOnceOpt),
+    "decode": (str, DecodeOpt),
     "knn_memory": (Optional[str], KnnMemoryOpt),
 }
 
@@ -107,13 +111,15 @@ def experiment(options: dict):
     bench = get_benchmark(o["benchmark"] or modes.dataset, o["data_root"], ood=names(o["ood"]),
                           imglist=o["imglist"] or [], imglist_root=o["imglist_root"], corruptions=o["corruptions"],
                           val_ood=names(options.get("val_ood")))
-    from oodens.detectors.feature import parse_size, set_bank_memory
+    from oodens.detectors.feature import parse_size, set_bank_device, set_bank_memory
 
     memory = parse_size(o["knn_memory"]) if o["knn_memory"] else None  # before any work
     exp = Experiment(modes, bench, cache_dir=o["cache_dir"], device=o["device"], fit_fraction=o["fit_fraction"],
                      batch_size=o["batch_size"], workers=o["workers"], precision=o["precision"],
-                     channels_last=o["channels_last"], compile=o["compile"], modes_at_once=o["modes_at_once"])
+                     channels_last=o["channels_last"], compile=o["compile"], modes_at_once=o["modes_at_once"],
+                     decode=o["decode"])
     set_bank_memory(memory, exp.cache.root / "banks")
+    set_bank_device(o["device"])  # knn/nnguide banks on the GPUs with a CUDA device (float16, sharded)
     return exp
 
 

@@ -38,8 +38,9 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-10) -> np.ndarray:
 
 # --------------------------------------------------------------------------- banks larger than memory
 
-#: the bank memory cap (bytes, None: no cap) and the folder of the on-disk banks (None: <default cache>/banks)
-_BANK = {"memory": None, "folder": None}
+#: the bank memory cap (bytes, None: no cap), the folder of the on-disk banks (None: <default cache>/banks) and
+#: the device banks are searched on (auto: every visible CUDA device when there is one, else faiss on the CPU)
+_BANK = {"memory": None, "folder": None, "device": "auto"}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
@@ -69,6 +70,103 @@ def set_bank_memory(memory=None, folder: str | Path | None = None) -> None:
 
 def bank_memory() -> int | None:
     return _BANK["memory"]
+
+
+def set_bank_device(device: str | None = "auto") -> None:
+    """Where the knn/nnguide banks live and are searched: ``cpu`` (faiss, in memory or on disk under the cap),
+    ``cuda`` or ``auto`` with CUDA available (a :class:`DeviceBank`: float16 rows sharded over every visible CUDA
+    device), ``cuda:N`` (that device alone). The CLI sets it from ``--device``."""
+    import torch
+
+    device = "auto" if device is None else str(device)
+    if device != "auto":
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise OodensError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise OodensError(f"--device {device!r}: knn banks live on cpu or cuda devices")
+    _BANK["device"] = device
+
+
+def _bank_devices() -> list | None:
+    """The torch devices a bank is sharded over, or None: the host (faiss)."""
+    import torch
+
+    device = _BANK["device"]
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    dev = torch.device("cuda" if device == "auto" else device)
+    if dev.index is not None:
+        return [dev]
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+class DeviceBank:
+    """A bank of n rows held on torch devices in float16 (half the memory of float32), sharded by rows over
+    ``devices`` (one shard per device), searched exactly over the stored values: each query block against each
+    shard in tiles, the products in float32 (the tile upcast on the device), per-tile top-k merged on the device,
+    the shards' top-k merged on the host. The only approximation is float16 storage (a relative rounding of 2^-11
+    per component); scores differ from the float32 search by about 1e-3 of a distance, and AUROCs by far less
+    (EXPERIMENTS.md: "kNN on the GPU"). ``dtype=torch.float32`` stores the exact rows."""
+
+    #: query rows x bank rows of one float32 product tile
+    TILE_ELEMENTS = 2**26
+
+    def __init__(self, n: int, d: int, blocks: Iterable[np.ndarray], devices: list, dtype=None):
+        import torch
+
+        dtype = torch.float16 if dtype is None else dtype
+        cuts = [n * j // len(devices) for j in range(len(devices) + 1)]
+        self.shape, self.offsets = (n, d), cuts[:-1]
+        self.shards = [torch.empty((cuts[j + 1] - cuts[j], d), dtype=dtype, device=dev)
+                       for j, dev in enumerate(devices)]
+        row = 0
+        for b in blocks:
+            b = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32))
+            while len(b):
+                j = next(j for j in range(len(devices)) if row < cuts[j + 1])
+                take = min(len(b), cuts[j + 1] - row)
+                self.shards[j][row - cuts[j] : row - cuts[j] + take] = b[:take].to(self.shards[j].device, dtype)
+                b, row = b[take:], row + take
+        if row != n:
+            raise ValueError(f"bank blocks hold {row} rows, expected {n}")
+        # squared norms of the stored (rounded) rows, for L2 distances
+        self.sq = [torch.cat([t.float().square().sum(1) for t in sh.split(65536)]) if len(sh) else
+                   torch.zeros(0, device=sh.device) for sh in self.shards]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def search(self, q: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices) of the k nearest rows of each query: the largest inner products (``largest``) or the
+        smallest squared L2 distances, each row sorted best first."""
+        import torch
+
+        q32 = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
+        tile = max(1024, self.TILE_ELEMENTS // max(1, len(q)))
+        vals, idxs = [], []
+        for shard, sq, off in zip(self.shards, self.sq, self.offsets):
+            if not len(shard):
+                continue
+            qd = q32.to(shard.device)
+            qsq = qd.square().sum(1, keepdim=True)
+            best_v = best_i = None
+            for t0 in range(0, len(shard), tile):
+                s = qd @ shard[t0 : t0 + tile].float().T
+                if not largest:
+                    s = (qsq + sq[t0 : t0 + tile][None, :]).sub_(s, alpha=2)
+                v, i = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest)
+                i += t0 + off
+                if best_v is not None:
+                    v, sel = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1,
+                                        largest=largest)
+                    i = torch.gather(torch.cat([best_i, i], 1), 1, sel)
+                best_v, best_i = v, i
+            vals.append(best_v.cpu())
+            idxs.append(best_i.cpu())
+        v, sel = torch.topk(torch.cat(vals, 1), min(k, sum(x.shape[1] for x in vals)), dim=1, largest=largest)
+        return v.numpy(), torch.gather(torch.cat(idxs, 1), 1, sel).numpy()
 
 
 def _bank_folder() -> Path:
@@ -108,9 +206,13 @@ def _clean_stale_banks(folder: Path) -> None:
 
 
 def build_bank(n: int, d: int, blocks: Iterable[np.ndarray]) -> np.ndarray:
-    """The (n, d) float32 bank made of ``blocks`` (in row order): in memory, or, when n * d * 4 bytes exceed
+    """The (n, d) bank made of ``blocks`` (in row order): on the bank devices when they are CUDA devices
+    (:func:`set_bank_device`; a :class:`DeviceBank`), else float32 in memory, or, when n * d * 4 bytes exceed
     :func:`bank_memory`, written once (sequential writes, never resident) to a ``.npy`` file in the bank folder
     and returned memory-mapped read-only (the file is removed when the array is no longer referenced)."""
+    devices = _bank_devices()
+    if devices is not None:
+        return DeviceBank(n, d, blocks, devices)
     cap = bank_memory()
     if cap is None or n * d * 4 <= cap:
         bank = np.empty((n, d), dtype=np.float32)
@@ -164,6 +266,8 @@ def bank_search(q: np.ndarray, bank: np.ndarray, k: int, metric=None) -> tuple[n
     import faiss
 
     metric = faiss.METRIC_L2 if metric is None else metric
+    if isinstance(bank, DeviceBank):
+        return bank.search(q, k, largest=metric == faiss.METRIC_INNER_PRODUCT)
     if not isinstance(bank, np.memmap):
         return faiss.knn(q, bank, k, metric=metric)
     n, d = bank.shape
@@ -207,17 +311,18 @@ class FeatureDetector(Detector):
 @dataclass
 class KNN(FeatureDetector):
     """Deep nearest neighbours: ``-|| h/|h| - n_k ||``, with n_k the k-th nearest
-    L2-normalised ID-training feature (exact search with faiss).
+    L2-normalised ID-training feature (exact search: faiss on the CPU, float32 products over a float16 bank on
+    CUDA devices).
 
     Sun et al., "Out-of-Distribution Detection with Deep Nearest Neighbors", ICML 2022.
-    The exact flat index moves to the GPU when faiss has GPU support and sees a GPU.
 
-    Memory: the bank is n x D x 4 bytes; above the cap set by ``--knn-memory`` (:func:`set_bank_memory`)
-    it lives in a file in the cache folder and is searched block by block, with the same results.
+    Memory: on the CPU the bank is n x D x 4 bytes; above the cap set by ``--knn-memory``
+    (:func:`set_bank_memory`) it lives in a file in the cache folder and is searched block by block, with the
+    same results. With CUDA (:func:`set_bank_device`, ``--device``) it is n x D x 2 bytes sharded over every
+    visible GPU (:class:`DeviceBank`).
 
-    Learned by ``fit``: ``bank_`` (the normalised float32 ID-train features, in memory or memory-mapped
-    from its file; None on the GPU),
-    ``index_`` (the GPU flat index, or None), ``n_samples_fit_``, ``n_features_in_``.
+    Learned by ``fit``: ``bank_`` (the normalised ID-train features: float32 in memory or memory-mapped from
+    its file, or a :class:`DeviceBank`), ``n_samples_fit_``, ``n_features_in_``.
     """
 
     name = "knn"
@@ -236,23 +341,13 @@ class KNN(FeatureDetector):
         return l2_normalize(features)
 
     def fit(self, train: Views) -> "KNN":
-        import faiss
-
         feats = self._fit_features(train)
         self.validate_training_size(len(feats))
-        bank, index, gpu = None, None, None
-        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:  # the GPU wheel on a machine with a GPU
-            gpu = faiss.StandardGpuResources()
-            index = faiss.GpuIndexFlatL2(gpu, feats.shape[1])
-            for s in range(0, len(feats), CHUNK):  # normalised block by block into GPU memory
-                index.add(np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK])))
-        else:
-            # CPU: the normalised bank is written once (into a preallocated array, or a file when it exceeds
-            # the bank memory cap) and searched in place by faiss's exact brute-force kernel (a flat index
-            # would copy it and grow its storage by doubling: twice the memory)
-            bank = build_bank(len(feats), feats.shape[1], (l2_normalize(feats[s : s + CHUNK])
-                                                           for s in range(0, len(feats), CHUNK)))
-        self.bank_, self.index_, self.gpu_resources_ = bank, index, gpu
+        # the normalised bank is written once (onto the GPUs, into a preallocated array, or a file when it
+        # exceeds the bank memory cap) and searched in place (a faiss flat index would copy it and grow its
+        # storage by doubling: twice the memory)
+        self.bank_ = build_bank(len(feats), feats.shape[1], (l2_normalize(feats[s : s + CHUNK])
+                                                             for s in range(0, len(feats), CHUNK)))
         self.n_samples_fit_, self.n_features_in_ = len(feats), feats.shape[1]
         return self
 
@@ -264,10 +359,7 @@ class KNN(FeatureDetector):
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
             q = np.ascontiguousarray(l2_normalize(feats[s : s + CHUNK]))
-            if self.index_ is not None:
-                dist2, _ = self.index_.search(q, self.k)
-            else:
-                dist2, _ = bank_search(q, self.bank_, self.k, faiss.METRIC_L2)
+            dist2, _ = bank_search(q, self.bank_, self.k, faiss.METRIC_L2)
             out[s : s + CHUNK] = -np.sqrt(np.maximum(dist2[:, -1], 0.0))
         return out
 

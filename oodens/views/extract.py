@@ -36,6 +36,7 @@ from oodens.runtime.paths import safe_name
 from oodens.runtime.progress import progress_bar
 from oodens.version import __version__
 from oodens.views.cache import Problem, ViewCache, ViewWriter
+from oodens.views.decode import decodes_on_gpu, gpu_batches, preset_identity, resolve_decode
 from oodens.views.kinds import VIEW_KINDS, clean_forward
 from oodens.views.types import BASE, HEAD, Views, ViewSpec
 
@@ -146,10 +147,15 @@ def _load_fast_decoder() -> None:
         import torchvision.io  # noqa: F401  (decode_jpeg_file uses it once loaded; workers inherit it)
 
 
-def batches(source: DataSource, presets: list, batch_size: int, workers: int = 0, pin: bool = False):
+def batches(source: DataSource, presets: list, batch_size: int, workers: int = 0, pin: bool = False,
+            device: torch.device | None = None, decode: str = "cpu"):
     """Batches of (one preprocessed tensor per preset, labels) in dataset order, each image read and decoded
     once whatever the number of presets. A source with a loader of its own (other than the base classes')
-    is read once per preset through it."""
+    is read once per preset through it. ``decode="gpu"`` (resolved, :func:`oodens.views.decode.resolve_decode`):
+    an image list is decoded on ``device`` (:func:`oodens.views.decode.gpu_batches`), its tensors already there."""
+    if decodes_on_gpu(source, decode):
+        yield from gpu_batches(source, presets, batch_size, workers, device)
+        return
     loader = type(source).loader
     if loader is FileListSource.loader and loader is not DataSource.loader:
         # an image list read at the images' own size (geometry=False): the presets without resize and crop,
@@ -175,7 +181,7 @@ def batches(source: DataSource, presets: list, batch_size: int, workers: int = 0
 
 def _compute_into(members: list[Member], *, source: DataSource, writers: dict[str, dict[ViewSpec, ViewWriter]],
                   batch_size: int, device, on_batch, workers: int = 0, precision: str = "fp32",
-                  channels_last: bool = False):
+                  channels_last: bool = False, decode: str = "cpu"):
     """Every view of ``writers`` (per member key) in one loop over ``source``: each batch is read and
     decoded once, preprocessed once per distinct preset, and every member's forward runs on it; per member
     the clean forward pass runs once (when a shared kind is asked for) and every shared kind reads it."""
@@ -190,7 +196,7 @@ def _compute_into(members: list[Member], *, source: DataSource, writers: dict[st
     labels = [w[BASE].allocate("labels", (n,), np.int64) for w in writers.values() if BASE in w]
     start = 0
     pin = device.type == "cuda"
-    for xs, y in batches(source, presets, batch_size, workers, pin):
+    for xs, y in batches(source, presets, batch_size, workers, pin, device, decode):
         xs = [x.to(device, non_blocking=True) for x in xs]
         if channels_last:
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
@@ -230,7 +236,7 @@ def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec, precision: str = "f
         "arch": mode.arch,
         "num_outputs": mode.num_outputs,
         "dataset": dataset,
-        "preset": preset.identity(),
+        "preset": preset if isinstance(preset, dict) else preset.identity(),
         "view": spec.identity(),
         "oodens_version": __version__,
     }
@@ -249,6 +255,7 @@ def extract(
     channels_last: bool = False,
     compile: bool = False,
     modes_at_once: int | None = None,
+    decode: str = "cpu",
 ) -> Extraction:
     """Make sure every (mode, source, view spec) and every mode's head is cached; return them (memory-mapped).
 
@@ -257,6 +264,8 @@ def extract(
     detectors fit on (``layers``, ``gram``: :attr:`~oodens.views.kinds.ViewKind.fit`) only.
     ``precision`` (fp32, bf16, fp16) autocasts the forward passes, and is part of the cache key;
     ``channels_last`` and ``compile`` (torch.compile) only change speed.
+    ``decode`` (auto, cpu, gpu; :mod:`oodens.views.decode`): where image lists' JPEGs are decoded; GPU-decoded
+    views are other views (the decoder is part of their key).
 
     Decode once: the modes are taken ``modes_at_once`` at a time (default: all of them), their networks
     loaded together, and each split is read once per group: every batch is decoded once, preprocessed
@@ -272,6 +281,7 @@ def extract(
     ctx = DistContext.from_env() if torch.distributed.is_available() and torch.distributed.is_initialized() \
         else DistContext()
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    decode = resolve_decode(decode, dev)
     result = Extraction()
     fit_specs = [s for s in specs if s == BASE or VIEW_KINDS[s.kind].fit]
     paths: dict[str, dict[tuple[Split, ViewSpec], Path]] = {}
@@ -285,7 +295,7 @@ def extract(
         for j, src in enumerate(sources):
             missing = []
             for spec in fit_specs if any(src is b for b in base_only) else specs:
-                path = cache.path(mode.sha256, src.identity(), preset.identity(), spec, precision,
+                path = cache.path(mode.sha256, src.identity(), preset_identity(preset, src, decode), spec, precision,
                                   model=model_identity(mode))
                 paths[mode.name][((src.name, src.split), spec)] = path
                 if ViewCache.problem(path) is None:
@@ -336,10 +346,13 @@ def extract(
                 who = jobs[0][0].name if len(jobs) == 1 else f"{len(jobs)} modes"
                 bar.update(task, info=f"{who} / {src.name}-{src.split} / {ids}")
                 views = [(mode, spec, path) for mode, vs in jobs for spec, path in vs]
-                metas = {(mode.name, spec): _meta(mode, src.identity(), members[mode.name].preset, spec, precision)
+                metas = {(mode.name, spec): _meta(mode, src.identity(),
+                                                  preset_identity(members[mode.name].preset, src, decode), spec,
+                                                  precision)
                          for mode, spec, _ in views}
                 compute = partial(_compute_into, [members[mode.name] for mode, _ in jobs], batch_size=batch_size,
-                                  device=dev, workers=workers, precision=precision, channels_last=channels_last)
+                                  device=dev, workers=workers, precision=precision, channels_last=channels_last,
+                                  decode=decode)
                 if ctx.enabled:  # torchrun: the ranks of one job share the pass; rank 0 publishes
                     for mode, spec, path in views:
                         problem = ViewCache.problem(path)
