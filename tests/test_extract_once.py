@@ -248,6 +248,22 @@ def test_nnguide_scores_with_a_capped_bank_equal_in_memory_scores(capped):
     np.testing.assert_array_equal(det.score(test), expected)
 
 
+def test_relation_scores_with_capped_banks_equal_in_memory_scores(capped):
+    """relation keeps the normalised features and the probabilities of ID train: above the cap both live in
+    files, read block by block; the scores are the in-memory ones, bit for bit."""
+    from oodens.detectors import DETECTORS
+    from oodens.views.types import Views
+
+    rng = np.random.default_rng(1)
+    train = Views(features=np.abs(_bank(9000, 16)), logits=rng.standard_normal((9000, 5)).astype(np.float32))
+    test = Views(features=np.abs(_bank(300, 16, seed=4)), logits=rng.standard_normal((300, 5)).astype(np.float32))
+    expected = DETECTORS["relation"]().fit(train).score(test)
+    capped(9000 * 5 * 4 // 2)  # both banks above it
+    det = DETECTORS["relation"]().fit(train)
+    assert isinstance(det.bank_, np.memmap) and isinstance(det.probs_, np.memmap)
+    np.testing.assert_array_equal(det.score(test), expected)
+
+
 def test_knn_memory_cap_holds(capped):
     """A bank 4x the cap: it is memory-mapped, never resident; the traced peak (numpy's allocations) stays
     under the cap plus the stated constant (fit and query blocks of CHUNK rows), far below the bank."""

@@ -59,8 +59,8 @@ ModesAtOnceOpt = typer.Option(None, "--modes-at-once", min=1, help="Extraction: 
 DecodeOpt = typer.Option("cpu", "--decode", help="Where image lists' JPEGs are decoded: cpu (Pillow's pixels, "
                          "as published results), gpu (batched nvJPEG on the CUDA device: other pixels, other "
                          "cached views) or auto (gpu on a CUDA device).")
-KnnMemoryOpt = typer.Option(None, "--knn-memory", help="Memory cap of the knn/nnguide train bank, e.g. 8GB: a "
-                            "larger bank is written to <cache-dir>/banks and searched block by block (same "
+KnnMemoryOpt = typer.Option(None, "--knn-memory", help="Memory cap of each knn/nnguide/relation train bank, e.g. "
+                            "8GB: a larger bank is written to <cache-dir>/banks and searched block by block (same "
                             "scores). Default: no cap.", show_default=False)
 
 

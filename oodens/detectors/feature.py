@@ -206,12 +206,13 @@ def _clean_stale_banks(folder: Path) -> None:
             continue
 
 
-def build_bank(n: int, d: int, blocks: Iterable[np.ndarray]) -> np.ndarray:
+def build_bank(n: int, d: int, blocks: Iterable[np.ndarray], searched: bool = True) -> np.ndarray:
     """The (n, d) bank made of ``blocks`` (in row order): on the bank devices when they are CUDA devices
     (:func:`set_bank_device`; a :class:`DeviceBank`), else float32 in memory, or, when n * d * 4 bytes exceed
     :func:`bank_memory`, written once (sequential writes, never resident) to a ``.npy`` file in the bank folder
-    and returned memory-mapped read-only (the file is removed when the array is no longer referenced)."""
-    devices = _bank_devices()
+    and returned memory-mapped read-only (the file is removed when the array is no longer referenced).
+    ``searched=False``: a bank read block by block as an array (relation's), never a :class:`DeviceBank`."""
+    devices = _bank_devices() if searched else None
     if devices is not None:
         return DeviceBank(n, d, blocks, devices)
     cap = bank_memory()

@@ -434,8 +434,10 @@ class Relation(GeometryDetector):
     validation data, which oodens does not use).
 
     Strategies: ``mean-scores`` only (it reads the member's own probabilities, from its logits).
-    Memory: the normalised features and the probabilities of the training set, float32; relations in
-    blocks of CHUNK queries x BANK_CHUNK training samples.
+    Memory: the normalised features and the probabilities of the training set, float32, each in memory or,
+    above the bank memory cap (``--knn-memory``), memory-mapped from a file as knn's bank
+    (:func:`oodens.detectors.feature.build_bank`); relations in blocks of CHUNK queries x BANK_CHUNK training
+    samples, so a bank on disk is read sequentially once per query block.
 
     Learned by ``fit``: ``bank_`` (n, D) float32 normalised features, ``probs_`` (n, C) float32 softmax
     probabilities, ``n_features_in_``, ``n_logits_in_``.
@@ -455,12 +457,9 @@ class Relation(GeometryDetector):
         feats = self._fit_features(train)
         n = len(feats)
         z = self._train_logits(train, n)
-        bank = np.empty(feats.shape, dtype=np.float32)
-        probs = np.empty(z.shape, dtype=np.float32)
-        for s in self._blocks(n):
-            bank[s] = l2_normalize(feats[s])
-            probs[s] = softmax(_f64(z[s]), axis=1)
-        self.bank_, self.probs_ = bank, probs
+        blocks = list(self._blocks(n))
+        self.bank_ = build_bank(n, feats.shape[1], (l2_normalize(feats[s]) for s in blocks), searched=False)
+        self.probs_ = build_bank(n, z.shape[1], (softmax(_f64(z[s]), axis=1) for s in blocks), searched=False)
         self.n_features_in_, self.n_logits_in_ = feats.shape[1], z.shape[1]
         return self
 
