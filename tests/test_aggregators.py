@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import combine_pvalues
+from scipy.stats import chi2, combine_pvalues
 
 from oodens.detectors import DETECTORS, get_detector
 from oodens.ensemble.evaluate import MemberSet, Sweep, evaluate_detector
@@ -61,8 +61,8 @@ def hand(name, S, V):
         return np.mean([(S[i] - V[i].mean()) / np.sqrt(((V[i] - V[i].mean()) ** 2).mean()) for i in range(M)],
                        axis=0)
     p = np.array([p_naive(S[i], V[i]) for i in range(M)])
-    if name == "fisher":
-        return np.array([combine_pvalues(p[:, j], method="fisher")[1] for j in range(n)])
+    if name == "fisher":  # Fisher's statistic: the sum of the log p-values
+        return np.array([sum(np.log(q) for q in p[:, j]) for j in range(n)])
     if name == "simes":
         return np.array([min(q * M / (i + 1) for i, q in enumerate(sorted(p[:, j]))) for j in range(n)])
     raise AssertionError(name)
@@ -89,11 +89,12 @@ def test_fisher_and_simes_are_fused_pvalues(views):
     out = ensemble_scores("fisher", DETECTORS["energy"], [DETECTORS["energy"]() for _ in range(M)], views["train"],
                           {"x": views["ood"]}, val=views["val"])["x"]
     p = np.array([p_naive(S[i], V[i]) for i in range(M)])
-    for j in range(S.shape[1]):
-        assert out[j] == pytest.approx(combine_pvalues(p[:, j], method="fisher").pvalue, rel=1e-12)
+    for j in range(S.shape[1]):  # the score is Fisher's statistic; its fused p-value is scipy's
+        assert chi2.sf(-2 * out[j], 2 * M) == pytest.approx(combine_pvalues(p[:, j], method="fisher").pvalue,
+                                                            rel=1e-12)
     simes = ensemble_scores("simes", DETECTORS["energy"], [DETECTORS["energy"]() for _ in range(M)],
                             views["train"], {"x": views["ood"]}, val=views["val"])["x"]
-    assert np.all((0 < simes) & (simes <= 1)) and np.all((0 < out) & (out <= 1))
+    assert np.all((0 < simes) & (simes <= 1)) and np.all(out <= 0)
     # OOD (lower energies) gets smaller fused p-values than ID: higher = more ID
     ids = ensemble_scores("simes", DETECTORS["energy"], [DETECTORS["energy"]() for _ in range(M)],
                           views["train"], {"x": views["id"]}, val=views["val"])["x"]
@@ -162,3 +163,14 @@ def test_undefined_std_renders_as_a_dash(views):
     assert all(c.endswith("± —") for c in mean_row.iloc[2:] if c)
     sweep_row = table[table["member"].str.startswith("k=1")].iloc[0]
     assert all(c.endswith("± —") for c in sweep_row.iloc[2:] if c)
+
+
+def test_fisher_ranks_samples_its_fused_pvalue_ties():
+    """Deep inside ID the fused p-value rounds to 1.0 for different statistics; the score keeps them apart."""
+    from oodens.ensemble.strategies import agg_fisher
+
+    val = [np.arange(1e5)] * 6
+    scores = [np.array([99_990.0, 99_995.0, 99_998.0])] * 6  # 6 members' p-values near 1, all distinct
+    stat = agg_fisher(scores, val)
+    assert list(chi2.sf(-2 * stat, 12)) == [1.0, 1.0, 1.0]  # the fused p-values tie (1.0 in float64)
+    assert stat[0] < stat[1] < stat[2]

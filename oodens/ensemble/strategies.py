@@ -12,8 +12,10 @@ Three kinds:
   members), and, standardised per member on its ID-validation scores v_n (so they need validation):
   ``rank`` (mean_n F_n(s_n), F_n the empirical CDF of v_n, #{v <= s}/|v|), ``zscore``
   (mean_n (s_n - mean v_n) / std v_n), ``fisher`` and ``simes`` (p-value fusion: p_n = (1 + #{v_n <= s_n}) /
-  (|v_n| + 1), the p-value of "s_n is an ID score", small for OOD; fisher: chi2_2m survival of
-  -2 sum_n log p_n; simes: min_i p_(i) m / i; the fused p-value is the score, so higher = more ID throughout);
+  (|v_n| + 1), the p-value of "s_n is an ID score", small for OOD; fisher: Fisher's statistic sum_n log p_n,
+  whose fused p-value chi2_2m.sf(-2 sum_n log p_n) is an increasing function of it that rounds to 1.0 deep
+  inside ID (tying those samples), so the statistic itself is the score; simes: the fused p-value
+  min_i p_(i) m / i; higher = more ID throughout);
 - refit strategies combine the members' views into one ``Views`` and fit a fresh
   detector on the combined ID-train views: ``concat`` and ``mean-features``.
 Which strategies a detector supports: its own ``strategies`` (the first is the default) plus the score
@@ -27,7 +29,6 @@ from typing import Callable
 
 import numpy as np
 from scipy.special import softmax
-from scipy.stats import chi2
 
 from oodens.detectors import Detector
 from oodens.errors import OodensError
@@ -139,9 +140,9 @@ def pvalues(scores, val) -> np.ndarray:
 
 
 def agg_fisher(scores, val) -> np.ndarray:
-    """Fisher's fused p-value: P(chi2_2m >= -2 sum_n log p_n)."""
-    p = pvalues(scores, val)
-    return chi2.sf(-2.0 * np.log(p).sum(axis=0), 2 * len(p))
+    """Fisher's statistic sum_n log p_n: the fused p-value P(chi2_2m >= -2 sum_n log p_n) is an increasing
+    function of it (the same ranking), which float64 rounds to 1.0 for small statistics."""
+    return np.log(pvalues(scores, val)).sum(axis=0)
 
 
 def agg_simes(scores, val) -> np.ndarray:
