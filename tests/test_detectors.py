@@ -202,8 +202,8 @@ def test_mahalanobis_duplicated_column():
 def test_mahalanobis_pinv_cut_at_float32_resolution():
     # an affine copy of a feature, rounded to float32 (3.1 x + 1000: float32 spacing ~6e-5 there), leaves the
     # covariance an eigenvalue of pure rounding noise, ~2e-12 x the largest. numpy's pinv cut (1e-15 x the
-    # largest) keeps it and weights the queries' rounding noise by ~1e11; the float32 cut (largest x D x eps32)
-    # drops it and gives the score of the non-degenerate reduced problem (Mahalanobis is affine-invariant, so
+    # largest) keeps it and weights the queries' rounding noise by ~1e11; the float32 cut (D eps32^2 E||h||^2,
+    # the variance float32 rounding of features of that size can add) drops it and gives the score of the non-degenerate reduced problem (Mahalanobis is affine-invariant, so
     # the exact copy adds nothing)
     rng = np.random.default_rng(27)
     n, D, C = 300, 6, 3
@@ -348,3 +348,19 @@ def test_logit_detectors_higher_is_more_confident():
     for name in ("msp", "maxlogit", "energy"):
         s = make(name).score(Views(logits=z))
         assert s[0] > s[1], name
+
+
+def test_mahalanobis_keeps_small_directions_of_real_variance():
+    """A direction whose variance is small next to the others' but far above float32 rounding (1e-6 of the
+    largest, ~1e8 x the rounding noise of these features) is signal: the score equals the exact inverse's (a
+    float64 naive computation), which a cut linear in eps32 (lambda_max * D * eps32 ~ 1e-5 x the largest) lost."""
+    rng = np.random.default_rng(5)
+    n, D, C = 400, 8, 2
+    labels = rng.integers(0, C, n)
+    basis = np.linalg.qr(rng.normal(size=(D, D)))[0]
+    scales = np.array([1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 1e-3])  # variance 1e-6 along the last direction
+    train = ((rng.normal(size=(n, D)) * scales) @ basis.T + 0.1 * labels[:, None]).astype(np.float32)
+    query = ((rng.normal(size=(50, D)) * scales * 3) @ basis.T).astype(np.float32)
+    want = ref_mahalanobis(train, labels, query)  # exact pseudo-inverse in float64 (here: the inverse)
+    got = make("mahalanobis").fit(Views(features=train, labels=labels)).score(Views(features=query))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
