@@ -17,7 +17,7 @@ from scipy.optimize import brentq
 from scipy.special import log_softmax, logsumexp, softmax
 
 from oodens.detectors.base import check_is_fitted, param, register_detector
-from oodens.detectors.logit import LogitDetector
+from oodens.detectors.logit import LogitDetector, fitted_logits, kept_classes
 from oodens.errors import OodensError
 from oodens.views.types import Views
 
@@ -84,7 +84,12 @@ class TemplateDetector(LogitDetector):
     def member_logits(self, views):
         check_is_fitted(self)
         self.validate()
-        return np.asarray(self._matrix(views, "logits", self.n_logits_in_), dtype=np.float64)
+        return np.asarray(fitted_logits(self, views, self.n_logits_in_)[0], dtype=np.float64)
+
+    def score(self, views):
+        """The score of each sample; on a class-masked set (``views.kept``) against the kept classes' templates."""
+        z = self.member_logits(views)
+        return self.score_logits(z, kept_classes(self, views, self.n_logits_in_))
 
 
 @register_detector
@@ -98,6 +103,12 @@ class KLMatching(TemplateDetector):
     Detection for Real-World Settings", ICML 2022. No hyperparameters. The paper (and OpenOOD) fit the
     templates on held-out ID validation data; oodens fits them on the ID-train views like every other
     detector's statistics. Templates are floored at the smallest positive float so the KL stays finite.
+
+    Class-masked set (ImageNet-A/R; ``views.kept``): p = softmax(z[kept]) against the templates of the kept
+    classes (those with one), each restricted to the kept columns and renormalised (floored first): the template
+    conditioned on the kept classes, as softmax(z[kept]) is softmax(z) conditioned on them. oodens' choice (the
+    paper and OpenOOD define nothing for masked sets); refitting on the restricted train softmaxes would need
+    the ID-train logits, which fit does not keep.
 
     Learned by ``fit``: ``templates_`` (K, C), ``template_classes_`` (the K predicted classes, logit
     columns), ``n_logits_in_``.
@@ -115,11 +126,25 @@ class KLMatching(TemplateDetector):
         self.n_logits_in_ = z.shape[1]
         return self
 
-    def score_logits(self, z):
+    def log_templates(self, kept: np.ndarray | None = None) -> np.ndarray:
+        """(K, C) log templates (floored); with ``kept`` the (K', len(kept)) ones of the kept classes that have a
+        template, each restricted to the kept columns and renormalised."""
+        log_t = np.log(np.maximum(self.templates_, TINY))
+        if kept is None:
+            return log_t
+        rows = np.flatnonzero(np.isin(self.template_classes_, kept))
+        if not len(rows):
+            raise OodensError(f"klm has no template for any of the {len(kept)} kept classes of this class-masked set "
+                              "(no ID-train sample is predicted as one of them): expected kept classes the network "
+                              "predicts")
+        log_t = log_t[np.ix_(rows, kept)]
+        return log_t - logsumexp(log_t, axis=1, keepdims=True)
+
+    def score_logits(self, z, kept=None):
         log_p = log_softmax(z, axis=1)
         p = np.exp(log_p)
         # KL(p || d) = sum_j p_j log p_j - sum_j p_j log d_j, every template at once
-        kl = np.sum(p * log_p, axis=1)[:, None] - p @ np.log(np.maximum(self.templates_, TINY)).T
+        kl = np.sum(p * log_p, axis=1)[:, None] - p @ self.log_templates(kept).T
         return -kl.min(axis=1)
 
 
@@ -195,6 +220,12 @@ class OpenMax(TemplateDetector):
     libMR shifts the tail to start at 10000 and fits a location-0 Weibull by maximum likelihood; oodens
     solves that likelihood equation exactly (brentq) instead of libMR's iterations.
 
+    Class-masked set (ImageNet-A/R; ``views.kept``): the kept logits v = z[kept] are revised with the kept
+    classes' MAVs restricted to the kept columns (``mavs_[kept][:, kept]``) and the kept classes' Weibull fits as
+    fitted (alpha capped at the kept count). oodens' choice (the paper and OpenOOD define nothing for masked sets),
+    and an approximation: those Weibulls model eucos distances of full-width logit vectors, while a masked sample's
+    distance is over the kept columns; an exact refit would need the ID-train logits, which fit does not keep.
+
     Learned by ``fit``: ``mavs_`` (C, C), ``tail_min_``, ``shape_``, ``log_scale_`` (per class, the
     Weibull fits), ``n_logits_in_``. Needs ID-train labels (``Views.classes`` maps a leave-out member's
     logit columns to them) and at least two distinct distances among each class's correctly classified
@@ -239,19 +270,22 @@ class OpenMax(TemplateDetector):
         self.n_logits_in_ = z.shape[1]
         return self
 
-    def w_scores(self, v: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """The W-score of each row of ``v`` under the Weibull of its class ``c[i]``."""
-        weibull = TailWeibull(self.tail_min_[c], self.shape_[c], self.log_scale_[c])
-        return weibull.cdf(eucos(v, self.mavs_[c], self.eu_weight))
+    def w_scores(self, v: np.ndarray, c: np.ndarray, kept: np.ndarray | None = None) -> np.ndarray:
+        """The W-score of each row of ``v`` under the Weibull of its class ``c[i]`` (a logit column of ``v``; with
+        ``kept``, v holds the kept logits, c indexes them and the MAVs are restricted to the kept columns)."""
+        cls = c if kept is None else kept[c]
+        mavs = self.mavs_[cls] if kept is None else self.mavs_[np.ix_(cls, kept)]
+        weibull = TailWeibull(self.tail_min_[cls], self.shape_[cls], self.log_scale_[cls])
+        return weibull.cdf(eucos(v, mavs, self.eu_weight))
 
-    def score_logits(self, z):
+    def score_logits(self, z, kept=None):
         rows = np.arange(len(z))
         alpha = min(self.alpha, z.shape[1])
         ranked = np.argsort(-z, axis=1, kind="stable")[:, :alpha]
         revised, unknown = z.copy(), np.zeros(len(z))
         for r in range(alpha):
             c = ranked[:, r]
-            cut = z[rows, c] * (alpha - r) / alpha * self.w_scores(z, c)
+            cut = z[rows, c] * (alpha - r) / alpha * self.w_scores(z, c, kept)
             revised[rows, c] -= cut
             unknown += cut
         return -np.exp(unknown - logsumexp(np.column_stack([revised, unknown]), axis=1))

@@ -21,8 +21,9 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, _is_real, param, register_detector
-from oodens.detectors.feature import (CHUNK, bank_search, build_bank, l2_normalize, labelled_classes, mean_feature,
-                                      scatter)
+from oodens.detectors.feature import (CHUNK, DeviceBank, bank_search, build_bank, l2_normalize, labelled_classes,
+                                      mean_feature, scatter)
+from oodens.detectors.logit import fitted_logits
 from oodens.detectors.subspace import principal_dim
 from oodens.errors import OodensError
 from oodens.views.types import Views
@@ -63,6 +64,20 @@ class CentredDetector(GeometryDetector):
 
 def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
+
+
+def _bank_rows(bank, rows: slice) -> np.ndarray:
+    """Rows of a bank (:func:`oodens.detectors.feature.build_bank`: an array, a memory map or a
+    :class:`~oodens.detectors.feature.DeviceBank`) as float32 on the host."""
+    if not isinstance(bank, DeviceBank):
+        return np.asarray(bank[rows], dtype=np.float32)
+    start, stop, _ = rows.indices(len(bank))
+    parts = []
+    for shard, off in zip(bank.shards, bank.offsets):
+        a, b = max(start, off), min(stop, off + len(shard))
+        if a < b:
+            parts.append(shard[a - off : b - off].float().cpu().numpy())
+    return np.concatenate(parts) if parts else np.empty((0, bank.shape[1]), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- residual
@@ -190,8 +205,9 @@ class NECO(GeometryDetector):
     def score(self, views: Views) -> np.ndarray:
         feats = self._score_features(views)
         z_logits = None
-        if self.maxlogit:
-            z_logits = self._matrix(views, "logits", getattr(self, "n_logits_in_", None))
+        if self.maxlogit:  # a class-masked set: the max of its kept logits
+            fitted = getattr(self, "n_logits_in_", None)
+            z_logits = self._matrix(views, "logits") if fitted is None else fitted_logits(self, views, fitted)[0]
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
             z = (_f64(feats[s]) - self.mean_) / self.scale_
@@ -308,6 +324,10 @@ class SHE(GeometryDetector):
 
     Strategies: ``mean-scores`` only (it reads the member's own predictions, its logits).
 
+    Class-masked set (ImageNet-A/R; ``views.kept``): yhat = argmax of the kept logits, scored against the kept
+    classes' stored patterns (``patterns_[kept]``, fitted on the full head as usual). oodens' choice: the patterns
+    are properties of the classes' ID features; the paper and OpenOOD define nothing for masked sets.
+
     Learned by ``fit``: ``patterns_`` (C, D) one stored pattern per logit column, ``n_features_in_``,
     ``n_logits_in_``.
     """
@@ -342,11 +362,12 @@ class SHE(GeometryDetector):
 
     def score(self, views: Views) -> np.ndarray:
         feats = self._score_features(views)
-        z = self._matrix(views, "logits", self.n_logits_in_)
+        z, kept = fitted_logits(self, views, self.n_logits_in_)
+        patterns = self.patterns_ if kept is None else self.patterns_[kept]  # a class-masked set: the kept classes'
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
             pred = _f64(z[s]).argmax(axis=1)
-            out[s] = np.einsum("nd,nd->n", _f64(feats[s]), self.patterns_[pred])
+            out[s] = np.einsum("nd,nd->n", _f64(feats[s]), patterns[pred])
         return out
 
 
@@ -368,8 +389,14 @@ class NNGuide(GeometryDetector):
 
     Strategies: ``mean-scores`` only (it reads the member's own logits for the confidences).
 
-    Learned by ``fit``: ``bank_`` (m, D) float32 the scaled bank, ``n_samples_fit_`` (m),
-    ``n_features_in_``, ``n_logits_in_``.
+    Class-masked set (ImageNet-A/R; ``views.kept``): the confidences are energies of kept logits on both sides,
+    conf(z[kept]) of the sample and a bank re-weighted to {conf(z_i[kept]) h_i/||h_i||} (built for the call, from
+    the bank rows' logits that fit keeps): the 200-class model's NNGuide on the same bank samples. oodens' choice
+    (the paper and OpenOOD define nothing for masked sets).
+
+    Learned by ``fit``: ``bank_`` (m, D) float32 the scaled bank, ``conf_`` (m,) float32 the bank's confidences,
+    ``logits_`` (m, C) float32 the bank rows' logits (for class-masked sets; in memory or on disk as the bank:
+    C/D of its size), ``n_samples_fit_`` (m), ``n_features_in_``, ``n_logits_in_``.
     """
 
     name = "nnguide"
@@ -400,23 +427,39 @@ class NNGuide(GeometryDetector):
         self.validate_training_size(n)
         m = self.bank_size(n)
         rows = np.arange(n) if m == n else np.sort(np.random.default_rng(0).choice(n, m, replace=False))
+        conf = np.concatenate([logsumexp(_f64(z[rows[s]]), axis=1) for s in self._blocks(m)]).astype(np.float32)
         # in memory, or on disk above the bank memory cap (--knn-memory): see oodens.detectors.feature.build_bank
-        bank = build_bank(m, feats.shape[1], (l2_normalize(feats[rows[s]]) * logsumexp(
-            _f64(z[rows[s]]), axis=1)[:, None].astype(np.float32) for s in self._blocks(m)))
-        self.bank_, self.n_samples_fit_ = bank, m
+        bank = build_bank(m, feats.shape[1], (l2_normalize(feats[rows[s]]) * conf[s, None] for s in self._blocks(m)))
+        self.bank_, self.conf_, self.n_samples_fit_ = bank, conf, m
+        self.logits_ = build_bank(m, z.shape[1], (np.asarray(z[rows[s]], dtype=np.float32) for s in self._blocks(m)),
+                                  searched=False)
         self.n_features_in_, self.n_logits_in_ = feats.shape[1], z.shape[1]
         return self
+
+    def masked_bank(self, kept: np.ndarray):
+        """The bank re-weighted for a class-masked set: row i is ``h_i/||h_i|| conf(z_i[kept])``, its unit feature
+        recovered as ``bank_[i] / conf_[i]`` (``conf_[i]`` = 0, a unit feature lost to the scaling, counts 0)."""
+        def blocks():
+            for s in self._blocks(self.n_samples_fit_):
+                c = self.conf_[s]
+                unit = np.divide(_bank_rows(self.bank_, s), c[:, None], out=np.zeros((len(c), self.n_features_in_),
+                                 dtype=np.float32), where=c[:, None] != 0)
+                conf = logsumexp(_f64(self.logits_[s])[:, kept], axis=1).astype(np.float32)
+                yield unit * conf[:, None]
+
+        return build_bank(self.n_samples_fit_, self.n_features_in_, blocks())
 
     def score(self, views: Views) -> np.ndarray:
         import faiss
 
         feats = self._score_features(views)
-        z = self._matrix(views, "logits", self.n_logits_in_)
+        z, kept = fitted_logits(self, views, self.n_logits_in_)
         self.validate_training_size(self.n_samples_fit_)  # k is read at query time (bank size is what fit kept)
+        bank = self.bank_ if kept is None else self.masked_bank(kept)
         out = np.empty(len(feats))
         for s in self._blocks(len(feats)):
             q = np.ascontiguousarray(l2_normalize(feats[s]))
-            sim, _ = bank_search(q, self.bank_, self.k, faiss.METRIC_INNER_PRODUCT)
+            sim, _ = bank_search(q, bank, self.k, faiss.METRIC_INNER_PRODUCT)
             out[s] = logsumexp(_f64(z[s]), axis=1) * _f64(sim).mean(axis=1)
         return out
 
@@ -438,6 +481,12 @@ class Relation(GeometryDetector):
     above the bank memory cap (``--knn-memory``), memory-mapped from a file as knn's bank
     (:func:`oodens.detectors.feature.build_bank`); relations in blocks of CHUNK queries x BANK_CHUNK training
     samples, so a bank on disk is read sequentially once per query block.
+
+    Class-masked set (ImageNet-A/R; ``views.kept``): p = softmax(z[kept]) and p_i = softmax(z_i[kept]), the
+    stored probabilities restricted to the kept columns and renormalised (which is softmax of the kept logits;
+    a training row whose kept probabilities all underflow float32, a logit gap above ~100, has no edge): the
+    200-class model's relation graph on the same training samples. oodens' choice (the paper and OpenOOD define
+    nothing for masked sets).
 
     Learned by ``fit``: ``bank_`` (n, D) float32 normalised features, ``probs_`` (n, C) float32 softmax
     probabilities, ``n_features_in_``, ``n_logits_in_``.
@@ -465,13 +514,18 @@ class Relation(GeometryDetector):
 
     def score(self, views: Views) -> np.ndarray:
         feats = self._score_features(views)
-        z = self._matrix(views, "logits", self.n_logits_in_)
+        z, kept = fitted_logits(self, views, self.n_logits_in_)
         out = np.zeros(len(feats))
         for s in self._blocks(len(feats)):
             q = l2_normalize(feats[s])
             p = softmax(_f64(z[s]), axis=1).astype(np.float32)
             for t in range(0, len(self.bank_), BANK_CHUNK):
-                rel = np.maximum(q @ self.bank_[t : t + BANK_CHUNK].T, 0.0) * (p @ self.probs_[t : t + BANK_CHUNK].T)
+                probs = self.probs_[t : t + BANK_CHUNK]
+                if kept is not None:  # a class-masked set: softmax of the kept logits = p_i[kept] renormalised
+                    probs = _f64(probs[:, kept])
+                    mass = probs.sum(axis=1, keepdims=True)
+                    probs = np.divide(probs, mass, out=np.zeros_like(probs), where=mass > 0).astype(np.float32)
+                rel = np.maximum(q @ self.bank_[t : t + BANK_CHUNK].T, 0.0) * (p @ probs.T)
                 rel = _f64(rel)
                 out[s] += np.where(rel > self.threshold, rel ** self.power, 0.0).sum(axis=1)
         return out

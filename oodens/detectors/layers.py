@@ -16,6 +16,7 @@ from scipy.special import softmax
 
 from oodens.detectors.base import Detector, _is_real, check_is_fitted, param, register_detector
 from oodens.detectors.feature import CHUNK, Mahalanobis
+from oodens.detectors.logit import fitted_logits
 from oodens.errors import OodensError
 from oodens.views.types import Views, ViewSpec
 
@@ -114,6 +115,10 @@ class Gram(LayerDetector):
     the bounds over all of them. The layers are the architecture's stage outputs (``feature_layers``);
     the authors' code records every convolution and activation inside each block.
 
+    Class-masked set (ImageNet-A/R; ``views.kept``): c = argmax and q = max softmax of the kept logits, against
+    the kept classes' bounds (``mins_[l][kept]``, ``maxs_[l][kept]``); the normaliser E_val stays the full head's
+    (fit's held-out deviations). oodens' choice (the paper and OpenOOD define nothing for masked sets).
+
     Learned by ``fit``: ``mins_`` and ``maxs_`` (per layer, (C, P, C_l)), ``norm_`` (L,) the mean held-out
     deviation per layer (+1e-7), ``n_logits_in_``, ``layer_shapes_``.
     """
@@ -139,9 +144,15 @@ class Gram(LayerDetector):
         return [ViewSpec.of("gram", orders=int(self.orders))]
 
     def _predictions(self, views: Views, fitted: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted class, max softmax probability) of each sample."""
-        z = np.asarray(self._matrix(views, "logits", fitted), dtype=np.float64)
-        return z.argmax(axis=1), softmax(z, axis=1).max(axis=1)
+        """(predicted class, max softmax probability) of each sample; on a class-masked set (``views.kept``) the
+        argmax of its kept logits as a class of the full head, and their softmax's maximum."""
+        if fitted is None:
+            z, kept = self._matrix(views, "logits"), None
+        else:
+            z, kept = fitted_logits(self, views, fitted)
+        z = np.asarray(z, dtype=np.float64)
+        pred = z.argmax(axis=1)
+        return pred if kept is None else kept[pred], softmax(z, axis=1).max(axis=1)
 
     def fit(self, train: Views) -> "Gram":
         self.validate()

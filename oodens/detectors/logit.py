@@ -14,6 +14,7 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import Detector, param, register_detector
+from oodens.errors import OodensError
 from oodens.views.types import ODIN_EPS_SPACES, Views, ViewSpec
 
 
@@ -31,6 +32,31 @@ def check_eps_space(det: Detector) -> None:
     """``det.eps_space`` is one of :data:`~oodens.views.types.ODIN_EPS_SPACES`."""
     if det.eps_space not in ODIN_EPS_SPACES:
         raise det._param_error("eps_space", f"is not a perturbation space: expected {' or '.join(ODIN_EPS_SPACES)}")
+
+
+def kept_classes(det: Detector, views: Views, n_fitted: int) -> np.ndarray | None:
+    """The classes of a class-masked set (``views.kept``: each logit column's index in the full head, see
+    :func:`oodens.ensemble.evaluate.mask_views`), checked against the ``n_fitted`` classes ``det``'s per-class state
+    was fitted on; None for views of the full head."""
+    kept = getattr(views, "kept", None)
+    if kept is None:
+        return None
+    kept = np.asarray(kept)
+    if kept.ndim != 1 or not len(kept) or not np.issubdtype(kept.dtype, np.integer):
+        raise OodensError(f"{det.name}: views.kept of shape {kept.shape}, dtype {kept.dtype}: expected a non-empty "
+                          "1-d array of class indices")
+    bad = kept[(kept < 0) | (kept >= n_fitted)]
+    if len(bad):
+        raise OodensError(f"{det.name} was fitted on {n_fitted} classes, but these class-masked views keep class "
+                          f"{int(bad[0])}: expected indices 0..{n_fitted - 1} of the fitted head")
+    return kept.astype(np.int64)
+
+
+def fitted_logits(det: Detector, views: Views, n_fitted: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(views.logits as an (n, width) array, the kept classes or None)``: width ``n_fitted`` (what fit saw) for
+    views of the full head, ``len(kept)`` for a class-masked set (:func:`kept_classes`)."""
+    kept = kept_classes(det, views, n_fitted)
+    return det._matrix(views, "logits", n_fitted if kept is None else len(kept)), kept
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from oodens.detectors.base import check_is_fitted, param, register_detector
-from oodens.detectors.logit import LogitDetector
+from oodens.detectors.logit import LogitDetector, kept_classes
 from oodens.errors import OodensError, ParameterError
 from oodens.views.types import Views
 
@@ -37,13 +37,18 @@ class ShapingDetector(LogitDetector):
         return logsumexp(z, axis=1)
 
     def _fitted_head(self, views: Views) -> tuple[np.ndarray, np.ndarray]:
-        """The head shaped by ``fit`` (``weight_``, ``bias_``), checked against the classes of ``views``: views of a
-        class-masked set (ImageNet-R: 200 of 1000 classes) hold fewer rows, and scoring them with all the fitted
-        rows would read classes the set left out."""
+        """The head shaped by ``fit`` (``weight_``, ``bias_``) for the classes of ``views``: all its rows, or on a
+        class-masked set (ImageNet-R: 200 of 1000 classes; ``views.kept``) the kept classes' rows, each with the
+        mask fit gave it. Views of fewer classes that do not say which (no ``kept``) are refused: scoring them
+        with all the fitted rows would read classes the set left out."""
+        kept = kept_classes(self, views, self.weight_.shape[0])
+        if kept is not None:
+            return self.weight_[kept], self.bias_[kept]
         w = getattr(views, "weight", None)
         if w is not None and np.shape(w)[0] != self.weight_.shape[0]:
             raise OodensError(f"{self.name} shaped a {self.weight_.shape[0]}-class head in fit, but these views hold "
-                              f"{np.shape(w)[0]} classes (a class-masked set): expected views of every class")
+                              f"{np.shape(w)[0]} classes and do not say which (views.kept, set by mask_views on a "
+                              f"class-masked set): expected views of every class or class-masked views")
         return self.weight_, self.bias_
 
 
@@ -70,6 +75,11 @@ class DICE(ShapingDetector):
 
     Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection",
     ECCV 2022. p = 90 (CIFAR), 70 (ImageNet).
+
+    Class-masked set (ImageNet-A/R; ``views.kept``): the kept classes' rows of the sparsified head, ``(W * M)[kept]``
+    and ``b[kept]``: M is per weight entry, so each kept row keeps the mask fit gave it (the percentile over all
+    C x D contributions is not recomputed over the kept rows). oodens' choice: the DICE paper and OpenOOD define
+    nothing for masked sets.
 
     Learned by ``fit``: ``mask_`` (C, D) and ``threshold_`` (the percentile), ``weight_`` = W * M
     and ``bias_`` (the training views' final layer, which scoring uses), ``n_features_in_``.
@@ -139,6 +149,9 @@ class ReActDICE(ShapingDetector):
     script for that combination: p = 10 (DICE alone uses 70 on ImageNet: with ReAct far fewer weights are
     pruned) and ReAct's c = 1.0, which is ReAct's 90th percentile on ResNet-50 (react_p = 90). As in that
     code, f_bar is the mean of the unclipped features. OpenOOD v1.5 has no such combination.
+
+    Class-masked set (ImageNet-A/R; ``views.kept``): as dice, the kept rows ``(W * M)[kept]``, ``b[kept]`` (masks as
+    fitted over all C x D contributions) with the same clip c (oodens' choice).
 
     Learned by ``fit``: ``clip_`` (c), ``mask_`` and ``threshold_`` (DICE's), ``weight_`` = W * M and
     ``bias_`` (the training views' final layer, which scoring uses), ``n_features_in_``.

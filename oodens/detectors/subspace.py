@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from oodens.detectors.base import Detector, check_is_fitted, param, register_detector
+from oodens.detectors.logit import fitted_logits
 from oodens.views.types import Views
 
 
@@ -39,6 +40,12 @@ class ViM(Detector):
 
     Wang et al., "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
     d = 1000 if D >= 1500, 512 if D >= 768, else D/2.
+
+    Class-masked set (ImageNet-A/R; ``views.kept``): ``logsumexp(z[kept]) - alpha ||(h - u)_perp||``: the
+    virtual logit lives in feature space and stays the full head's (u, the principal space and alpha as fitted on
+    the full-width ID train); only the energy it is matched against reads the kept logits. oodens' choice (the
+    paper and OpenOOD define nothing for masked sets): u = -W^+ b and alpha of the restricted head would need its
+    own fit on the ID-train logits.
 
     Learned by ``fit``: ``dim_`` (d used), ``u_`` (D,), ``ns_`` (D, D - d) a basis of the
     complement, ``alpha_``, ``n_features_in_`` and ``n_logits_in_`` (the number of classes C).
@@ -78,6 +85,6 @@ class ViM(Detector):
     def score(self, views: Views) -> np.ndarray:
         check_is_fitted(self)
         h = np.asarray(self._matrix(views, "features", self.n_features_in_), dtype=np.float64)
-        z = np.asarray(self._matrix(views, "logits", self.n_logits_in_), dtype=np.float64)
+        z = np.asarray(fitted_logits(self, views, self.n_logits_in_)[0], dtype=np.float64)  # masked: kept logits
         residual = np.linalg.norm((h - self.u_) @ self.ns_, axis=1)
         return logsumexp(z, axis=1) - self.alpha_ * residual

@@ -11,7 +11,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp, softmax
 
 from oodens.detectors.base import check_is_fitted, register_detector
-from oodens.detectors.logit import LogitDetector
+from oodens.detectors.logit import LogitDetector, fitted_logits
 from oodens.errors import OodensError, OodensWarning
 from oodens.views.types import Views
 
@@ -66,6 +66,9 @@ class TempScaledMSP(LogitDetector):
     (``fit(train, val=...)``; the ID test split is never read); standalone, ``fit(calibration_views)`` fits on
     the views given. Ensemble: each member's logits divided by its own T, then averaged (``mean-logits``) or
     their softmaxes averaged (``mean-probs``).
+
+    Class-masked set (ImageNet-A/R): the same T divides the kept logits, ``max softmax(z[kept] / T)``; T is a
+    property of the network, fitted on the full head (oodens' choice; the paper and OpenOOD define nothing here).
     """
 
     name = "tempscale"
@@ -89,8 +92,8 @@ class TempScaledMSP(LogitDetector):
     def member_logits(self, views: Views) -> np.ndarray:
         """The member's logits divided by its fitted temperature."""
         check_is_fitted(self)
-        z = np.asarray(self._matrix(views, "logits", self.n_logits_in_), dtype=np.float64)
-        return z / self.temperature_
+        z, _ = fitted_logits(self, views, self.n_logits_in_)  # a class-masked set: its kept logits, the same T
+        return np.asarray(z, dtype=np.float64) / self.temperature_
 
     def score_logits(self, z: np.ndarray) -> np.ndarray:
         return softmax(z, axis=1).max(axis=1)

@@ -148,7 +148,11 @@ def mask_views(v: Views, kept, name: str = "a masked set", labels_are_positions:
     they are. Labels: with ``labels_are_positions`` (an OOD-generalization set such as ImageNet-R, whose labels are
     positions in its kept list, as an ImageFolder over its class folders numbers them) kept as they are, checked in
     ``0..len(kept)-1``; without (the ID test split, labelled with the dataset's classes) mapped to positions in
-    ``kept``, -1 for a class outside it (counted wrong by accuracy)."""
+    ``kept``, -1 for a class outside it (counted wrong by accuracy).
+
+    The result carries ``kept`` as :attr:`Views.kept` (the full head's index of each remaining column; masking
+    views that are already masked composes the two), which detectors with per-class fitted state (tempscale, klm,
+    openmax, she, nnguide, relation, gram, vim, dice, react-dice) read to restrict that state to the kept classes."""
     kept = np.asarray(kept, dtype=np.int64)
     if v.classes is not None:
         raise OodensError(f"class mask of {name}: leave-out members (kept_classes) cannot be masked: expected "
@@ -172,9 +176,10 @@ def mask_views(v: Views, kept, name: str = "a masked set", labels_are_positions:
     width = z.shape[1]
     extra = {k: (np.asarray(a)[:, kept] if not isinstance(a, dict) and np.ndim(a) == 2 and np.shape(a)[1] == width
                  else a) for k, a in v.extra.items()}
+    full = kept if v.kept is None else np.asarray(v.kept, dtype=np.int64)[kept]
     return Views(logits=z[:, kept], features=v.features, labels=labels,
                  weight=None if v.weight is None else np.asarray(v.weight)[kept],
-                 bias=None if v.bias is None else np.asarray(v.bias)[kept], extra=extra)
+                 bias=None if v.bias is None else np.asarray(v.bias)[kept], extra=extra, kept=full)
 
 
 @dataclass

@@ -45,6 +45,12 @@ class Views:
     ``rankfeat``), or ``{array name: array}`` of a view with several arrays (``layers``, ``gram``: one
     array per feature layer, ``layer00``, ``layer01``... in forward order); ``classes`` is set for
     a leave-out member only: the dataset class of each logit column (its ``kept_classes``).
+
+    ``kept`` is set on the views of a class-masked set only (ImageNet-A/R: 200 of ImageNet-1k's classes; see
+    :func:`oodens.ensemble.evaluate.mask_views`): the index in the full head of each logit column (and of each row
+    of ``weight``/``bias``), so that a detector whose fitted state has one entry per class (templates, class
+    patterns, a shaped head...) reads the entries of the kept classes. It is not ``classes``: a leave-out member's
+    head *is* that narrow, a masked view is the full head restricted to some of its rows.
     """
 
     logits: np.ndarray | None = None
@@ -54,6 +60,7 @@ class Views:
     bias: np.ndarray | None = None
     extra: dict[str, np.ndarray | dict[str, np.ndarray]] = field(default_factory=dict)
     classes: np.ndarray | None = None
+    kept: np.ndarray | None = None
 
     def __len__(self) -> int:
         for a in (self.logits, self.features, self.labels, *self.extra.values()):
