@@ -351,3 +351,26 @@ def test_nnguide_reweights_a_device_bank_as_an_array_bank(data, monkeypatch):
     det = fitted("nnguide", train)
     assert isinstance(det.bank_, DeviceBank)
     np.testing.assert_allclose(det.score(masked(test)), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "rmds"])
+def test_mahalanobis_seeks_the_nearest_kept_class(data, name):
+    """mahalanobis / rmds on a masked set: the minimum over the kept classes' means, the shared covariance (and
+    rmds' global Gaussian) as fitted on all classes; naive float64 computation with numpy's pseudo-inverse."""
+    train, test = data
+    det = fitted(name, train)
+    h = np.asarray(train.features, dtype=np.float64)
+    y = np.asarray(train.labels)
+    means = np.array([h[y == c].mean(axis=0) for c in range(C)])
+    cov = sum(np.outer(r, r) for r in h - means[y]) / len(h)
+    P = np.linalg.pinv(cov)
+    m0 = h.mean(axis=0)
+    P0 = np.linalg.pinv(sum(np.outer(r, r) for r in h - m0) / len(h))
+    want = []
+    for q in np.asarray(test.features, dtype=np.float64):
+        md = min(float((q - means[c]) @ P @ (q - means[c])) for c in KEPT)
+        want.append(-md if name == "mahalanobis" else float((q - m0) @ P0 @ (q - m0)) - md)
+    np.testing.assert_allclose(det.score(masked(test)), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    full = det.score(test)  # the unmasked set: over all classes (at least as near: a score at least as high)
+    if name == "mahalanobis":
+        assert np.all(full >= np.asarray(want) - 1e-9)

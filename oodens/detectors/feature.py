@@ -452,6 +452,9 @@ class Mahalanobis(FeatureDetector):
     of the features can add; see :func:`pinv_factor`), not numpy's 1e-15 x lambda_max,
     which weights float32 rounding noise by up to 1e15 on near-degenerate covariances.
 
+    On a class-masked set (ImageNet-A/R) the minimum runs over the kept classes' means (the covariance as
+    fitted): the restricted model's nearest class, as the masked logits' argmax is its prediction.
+
     Learned by ``fit``: ``classes_`` (the labels seen), ``means_`` (C, D) the class means,
     ``whiten_`` (D, r) with S^+ = whiten_ whiten_^T, ``n_features_in_``.
     """
@@ -468,21 +471,36 @@ class Mahalanobis(FeatureDetector):
         self.n_features_in_ = feats.shape[1]
         return self
 
-    def class_distances(self, h: np.ndarray) -> np.ndarray:
-        """(n, C) squared distances (h - mu_c)^T S^+ (h - mu_c) = |h W - mu_c W|^2 of a block of float64 features."""
-        mw = self.means_ @ self.whiten_  # (C, r)
+    def class_distances(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n, C) squared distances (h - mu_c)^T S^+ (h - mu_c) = |h W - mu_c W|^2 of a block of float64 features
+        (``rows``: those of the class means at these positions only)."""
+        means = self.means_ if rows is None else self.means_[rows]
+        mw = means @ self.whiten_  # (C, r)
         hw = h @ self.whiten_
         return sq_norms(hw)[:, None] - 2.0 * hw @ mw.T + sq_norms(mw)[None, :]
 
-    def score_block(self, h: np.ndarray) -> np.ndarray:
-        return -self.class_distances(h).min(axis=1)
+    def score_block(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        return -self.class_distances(h, rows).min(axis=1)
+
+    def kept_rows(self, views: Views) -> np.ndarray | None:
+        """On a class-masked set (``views.kept``, ImageNet-A/R), the positions of the kept classes among the fitted
+        class means: the nearest class is sought among them (as the masked logits' argmax is); None otherwise."""
+        kept = getattr(views, "kept", None)
+        if kept is None:
+            return None
+        rows = np.flatnonzero(np.isin(self.classes_, np.asarray(kept)))
+        if not len(rows):
+            raise OodensError(f"{self.name}: none of the class-masked set's {len(kept)} classes was among the "
+                              f"{len(self.classes_)} classes fitted on: expected kept classes of ID train")
+        return rows
 
     def score(self, views: Views) -> np.ndarray:
         """The score of each block of CHUNK queries (float64)."""
         feats = self._score_features(views)
+        rows = self.kept_rows(views)
         out = np.empty(len(feats), dtype=np.float64)
         for s in range(0, len(feats), CHUNK):
-            out[s : s + CHUNK] = self.score_block(np.asarray(feats[s : s + CHUNK], dtype=np.float64))
+            out[s : s + CHUNK] = self.score_block(np.asarray(feats[s : s + CHUNK], dtype=np.float64), rows)
         return out
 
 
@@ -514,6 +532,6 @@ class RMDS(Mahalanobis):
         self.whiten0_ = pinv_factor(scatter(feats, self.mean0_), float(self.mean0_ @ self.mean0_))
         return self
 
-    def score_block(self, h: np.ndarray) -> np.ndarray:
+    def score_block(self, h: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         md0 = sq_norms((h - self.mean0_) @ self.whiten0_)
-        return md0 - self.class_distances(h).min(axis=1)
+        return md0 - self.class_distances(h, rows).min(axis=1)
