@@ -42,7 +42,15 @@ peaks) taken in this run:
   features; 1k queries, k = 50): the peak anonymous RSS growth / (the cap + the stated constant: 4 blocks
   of CHUNK rows of the features, the top-k merge of a query block, 32 MB for faiss), which must be <= 1;
   faiss's and BLAS's one-time buffers are warmed up before the baseline; the scores are checked equal to
-  the in-memory search's, bit for bit.
+  the in-memory search's, bit for bit;
+- vs_pytorch_ood (benchmarks/vs_pytorch_ood.py; runs when the ``bench`` extra, pytorch-ood 0.4, is installed, else
+  null): wall time of pytorch-ood running msp, energy, odin, mahalanobis, knn, react, dice, vim on 5 R18 modes (per
+  mode and detector: fit on the ID train loader where it fits, predict on the ID test and each OOD loader,
+  re-running the network each time; ``torch.no_grad()``) / oodens ``evaluate`` of the same 8 detectors from a cold
+  cache (extraction + scoring, which includes the mean, std and ensemble rows pytorch-ood has no counterpart for);
+  the per-mode AUROCs of both are printed side by side (``_vs_pytorch_ood``) and must agree (see the module).
+  ``without_odin`` in ``_vs_pytorch_ood`` is the same ratio for the 7 other detectors (ODIN's perturbed pass is per
+  image and per mode in both libraries). Quick sizes take 15-30 min on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -485,6 +493,19 @@ def bench_knn_over_memory(work: Path, n: int, d: int) -> dict:
             "_knn_bank_over_memory": r}
 
 
+def bench_pytorch_ood(work: Path, quick: bool, batch_size: int) -> dict:
+    """The vs_pytorch_ood key (benchmarks/vs_pytorch_ood.py), or null without pytorch-ood installed."""
+    try:
+        import pytorch_ood  # noqa: F401
+    except ImportError:
+        print("[pytorch_ood] skipped: pytorch-ood is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        return {"vs_pytorch_ood": None}
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vs_pytorch_ood import bench_vs_pytorch_ood
+
+    return bench_vs_pytorch_ood(work, quick, batch_size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a 2-core CPU")
@@ -510,6 +531,7 @@ def main() -> None:
             ("fit", lambda: bench_fit_memory(work, 0.005 if args.quick else 0.05)),
             ("decode", lambda: bench_decode_once(work, 3000 if args.quick else 5000, args.batch_size)),
             ("knn", lambda: bench_knn_over_memory(work, *((400_000, 256) if args.quick else (1_000_000, 256)))),
+            ("pytorch_ood", lambda: bench_pytorch_ood(work, args.quick, args.batch_size)),
         ]
         for name, step in steps:
             t0 = time.perf_counter()
