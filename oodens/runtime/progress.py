@@ -33,6 +33,7 @@ if not stdout.is_terminal:  # pipes and files get the full table, not an 80-colu
 stderr = Console(stderr=True, soft_wrap=True)
 
 LINE_EVERY_S = 30.0  # a log line at least this often while work advances (not on a terminal)
+REFRESH_PER_SECOND = 4  # frames of the bar on a terminal
 _OWN_FIELDS = ("milestone", "unit", "rate_unit", "scale", "log_every")  # read here, never passed to rich
 
 
@@ -198,6 +199,9 @@ class ProgressBar(Progress):
             TimeRemainingColumn(table_column=Column(no_wrap=True)),
             _CutText(lambda task: task.fields.get("info", ""), self._info_width),
             console=console, transient=transient, disable=disable, expand=False,
+            # its clocks tick in seconds: 4 frames a second (rich's default, 10, renders on a thread that takes the
+            # GIL from the forward passes each time)
+            refresh_per_second=REFRESH_PER_SECOND,
         )
 
     def _info_width(self, task) -> int:

@@ -26,7 +26,10 @@ makes the view unusable: extraction reports it and recomputes it (:meth:`ViewCac
 
 Writes: each .npy file is preallocated (``posix_fallocate``, not sparse), so a full disk is an
 ``OSError`` when the space is reserved, turned into one :class:`~oodens.errors.OodensError` line
-naming the file and the bytes needed, and the temporary folder is removed.
+naming the file and the bytes needed, and the temporary folder is removed. A commit fsyncs every
+array, meta.json and the temporary folder, then renames the folder into place and fsyncs its parent;
+the views of one extraction pass are committed together (:meth:`ViewWriter.commit_all`: their fsyncs
+at once, each view still published by its own rename).
 
 Concurrency: extraction holds an advisory lock (``flock`` on ``<view folder>.lock``) while it
 computes a view, so concurrent runs compute each view once; the kernel drops the lock of a
@@ -41,7 +44,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +97,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    """fsync a folder (its entries) or, with ``os.O_RDWR``, a file."""
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync(path)
+
+
+def _fsync_file(path: Path) -> None:
+    _fsync(path, os.O_RDWR)
 
 
 def human_bytes(n: int) -> str:
@@ -348,6 +362,38 @@ def _reserve(path: Path) -> int:
         os.close(fd)
 
 
+#: Linux's fsync writes back the pages dirtied through a memory map (its msync(MS_SYNC) is an fsync of the
+#: mapped range): one sync per file there; elsewhere the maps are flushed (msync) before the fsync
+_FSYNC_WRITES_MAPS = sys.platform.startswith("linux")
+#: at most this many files synced or hashed at once by a commit (fsync waits on the disk and hashlib releases
+#: the GIL; the file system joins concurrent fsyncs into few journal commits)
+SYNC_THREADS = 16
+
+
+def _each(fn, items) -> list:
+    """``[fn(x) for x in items]``, run concurrently (disk waits and hashing); the first error is raised."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(min(len(items), SYNC_THREADS), thread_name_prefix="oodens-commit") as pool:
+        return list(pool.map(fn, items))
+
+
+class _Failed(Exception):
+    """An OSError of one writer's commit step (which view to name in the one-line error)."""
+
+    def __init__(self, writer: "ViewWriter", error: OSError):
+        super().__init__(str(error))
+        self.writer, self.error = writer, error
+
+
+def _step(writer: "ViewWriter", fn, *args):
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise _Failed(writer, e) from e
+
+
 class ViewWriter:
     """Streams arrays batch by batch into preallocated memory-mapped .npy files in a temp folder,
     then publishes the folder atomically with :meth:`commit`, recording each file's checksum.
@@ -362,6 +408,7 @@ class ViewWriter:
         self.meta = meta
         self.arrays: dict[str, np.memmap] = {}
         self.names: list[str] = []
+        self.committed = False
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         file = self.tmp / f"{name}.npy"
@@ -381,30 +428,63 @@ class ViewWriter:
         return arr
 
     def commit(self) -> Path:
-        try:
-            return self._commit()
-        except OSError as e:
-            self.abort()
-            raise _write_error(e, self.final) from e
+        """Publish the view (once: a committed writer's commit does nothing more)."""
+        ViewWriter.commit_all([self])
+        return self.final
 
-    def _commit(self) -> Path:
-        for arr in self.arrays.values():
-            arr.flush()
-        self.arrays.clear()
-        records = {}
-        for name in self.names:
-            file = self.tmp / f"{name}.npy"
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-            st = os.stat(file)
-            shape, dtype, _ = _npy_header(file)
-            records[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(file),
-                             "shape": list(shape), "dtype": dtype.str}
+    @staticmethod
+    def commit_all(writers: list["ViewWriter"]) -> None:
+        """Publish several views together: per view exactly what :meth:`commit` does (its arrays and meta.json
+        fsynced in the temp folder, then the folder renamed into place, so each view appears whole or not at
+        all), with the disk waits of all their files overlapped. A failure is one :class:`OodensError` naming
+        its view; the views not yet published are removed (those published stay: each is complete)."""
+        writers = [w for w in dict.fromkeys(writers) if not w.committed]
+        try:
+            ViewWriter._commit_all(writers)
+        except _Failed as f:
+            for w in writers:
+                if not w.committed:
+                    w.abort()
+            raise _write_error(f.error, f.writer.final) from f.error
+
+    @staticmethod
+    def _commit_all(writers: list["ViewWriter"]) -> None:
+        for w in writers:
+            if not _FSYNC_WRITES_MAPS:
+                for arr in w.arrays.values():
+                    _step(w, arr.flush)
+            w.arrays.clear()
+        # each array's record; the mtime is final (the maps are written), and the bytes hashed are the page
+        # cache's, the ones the fsync below writes
+        files = [(w, name) for w in writers for name in w.names]
+        records = _each(lambda f: _step(f[0], f[0]._record, f[1]), files)
+        for w in writers:
+            arrays = {name: rec for (v, name), rec in zip(files, records) if v is w}
+            _step(w, w._write_meta, {**w.meta, "format": FORMAT_VERSION, "arrays": arrays})
+        # every file, and the temp folder's entries (all created by now), on disk before any rename
+        _each(lambda f: _step(f[0], f[1], f[2]),
+              [(w, _fsync_file, w.tmp / f"{name}.npy") for w, name in files]
+              + [(w, _fsync_file, w.tmp / "meta.json") for w in writers] + [(w, _fsync_dir, w.tmp) for w in writers])
+        for w in writers:
+            _step(w, w._publish)
+        parents = {}
+        for w in writers:
+            parents.setdefault(w.final.parent, w)
+        _each(lambda item: _step(item[1], _fsync_dir, item[0]), parents.items())
+
+    def _record(self, name: str) -> dict:
+        file = self.tmp / f"{name}.npy"
+        st = os.stat(file)
+        shape, dtype, _ = _npy_header(file)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(file),
+                "shape": list(shape), "dtype": dtype.str}
+
+    def _write_meta(self, meta: dict) -> None:
         with open(self.tmp / "meta.json", "w") as f:
-            json.dump({**self.meta, "format": FORMAT_VERSION, "arrays": records}, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.tmp)
+            json.dump(meta, f, indent=2, sort_keys=True)
+
+    def _publish(self) -> None:
+        """Rename the (synced) temp folder into place; the parent folder is synced after."""
         try:
             os.rename(self.tmp, self.final)
         except OSError:
@@ -414,9 +494,9 @@ class ViewWriter:
             else:  # an unusable folder (e.g. no meta.json) is in the way: set it aside, publish ours
                 _set_aside(self.final)
                 os.rename(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-        return self.final
+        self.committed = True
 
     def abort(self) -> None:
         self.arrays.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -380,6 +380,8 @@ def extract(
                         bar.advance(task, n_batches)
                         continue
                     compute(source=src, writers=writers, on_batch=lambda: bar.advance(task))
+                    # all views of the pass published together (each atomically), their disk waits overlapped
+                    ViewWriter.commit_all([w for ws in writers.values() for w in ws.values()])
                     result.computed += sum(len(w) for w in writers.values())
             del members
     barrier(ctx)
