@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,8 +66,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     """A one-line error naming the first tensor of ``state`` holding NaN or Inf values, with their count."""
-    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items()
-           if v.is_floating_point() or v.is_complex()]
+    def count(v: torch.Tensor) -> int:
+        # numpy for CPU float tensors: one pass, no intra-op thread barrier per tensor (torch's check waits at one
+        # per tensor, which stalls for a time slice each on a busy machine: 0.8 s for an R18 under load)
+        if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64, torch.float16):
+            a = v.detach().numpy()
+            return 0 if np.isfinite(a).all() else int((~np.isfinite(a)).sum())
+        return int((~torch.isfinite(v)).sum())
+
+    bad = [(k, count(v)) for k, v in state.items() if v.is_floating_point() or v.is_complex()]
     bad = [(k, n) for k, n in bad if n]
     if bad:
         k, n = bad[0]
