@@ -374,3 +374,35 @@ def test_mahalanobis_seeks_the_nearest_kept_class(data, name):
     full = det.score(test)  # the unmasked set: over all classes (at least as near: a score at least as high)
     if name == "mahalanobis":
         assert np.all(full >= np.asarray(want) - 1e-9)
+
+
+def test_multi_layer_mahalanobis_seeks_the_nearest_kept_class_in_each_layer():
+    """mahalanobis-ml on a masked set: per layer the minimum over the kept classes' means (naive pinv, float64),
+    standardised with the ID-train mean and std of the full-head layer scores, summed."""
+    rng = np.random.default_rng(8)
+    n, ncls, kept = 300, 6, [0, 2, 5]
+    y = np.arange(n) % ncls
+    lid = ViewSpec.of("layers").id
+
+    def views(m, labels):
+        f0 = (rng.normal(size=(m, 4)) + labels[:, None] * 0.8).astype(np.float32)
+        f1 = (rng.normal(size=(m, 3)) - labels[:, None] * 0.5).astype(np.float32)
+        z = rng.normal(size=(m, ncls))
+        return Views(logits=z, labels=labels, extra={lid: {"layer00": f0, "layer01": f1}})
+
+    train, test = views(n, y), views(40, np.arange(40) % ncls)
+    det = DETECTORS["mahalanobis-ml"]().fit(train)
+
+    def layer_score(f, fq, classes):
+        h, q = np.asarray(f, np.float64), np.asarray(fq, np.float64)
+        means = np.array([h[y == c].mean(axis=0) for c in range(ncls)])
+        P = np.linalg.pinv(sum(np.outer(r, r) for r in h - means[y]) / n)
+        return np.array([-min(float((x - means[c]) @ P @ (x - means[c])) for c in classes) for x in q])
+
+    want = 0.0
+    for name in ("layer00", "layer01"):
+        f = train.extra[lid][name]
+        full = layer_score(f, f, range(ncls))  # the ID-train scores the layer is standardised with
+        want = want + (layer_score(f, test.extra[lid][name], kept) - full.mean()) / full.std()
+    got = det.score(mask_views(test, kept, labels_are_positions=False))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

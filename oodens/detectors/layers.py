@@ -63,6 +63,9 @@ class MultiLayerMahalanobis(LayerDetector):
     data and no gradients: it standardises each layer's score on ID train and sums them (equal weights),
     on the unperturbed input. The layers are the architecture's stage outputs (``feature_layers``).
 
+    Class-masked set (ImageNet-A/R; ``views.kept``): each layer's minimum over the kept classes' means, as
+    ``mahalanobis``; the standardisation as fitted.
+
     Learned by ``fit``: ``layers_`` (a fitted ``Mahalanobis`` per layer), ``mean_`` and ``std_`` (L,) of the
     per-layer ID-train scores, ``layer_shapes_``.
     """
@@ -90,7 +93,8 @@ class MultiLayerMahalanobis(LayerDetector):
         check_is_fitted(self)
         self.validate()
         layers = self._layers(views, self.layer_shapes_)
-        scores = np.stack([m.score(Views(features=f)) for m, f in zip(self.layers_, layers)])
+        kept = getattr(views, "kept", None)  # a class-masked set: each layer's nearest kept class
+        scores = np.stack([m.score(Views(features=f, kept=kept)) for m, f in zip(self.layers_, layers)])
         return (scores - self.mean_[:, None]) / self.std_[:, None]
 
     def score(self, views: Views) -> np.ndarray:
