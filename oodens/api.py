@@ -272,6 +272,9 @@ class Experiment:
         declared = {o: m for o, m in (getattr(self.benchmark, "class_masks", None) or {}).items() if o in self.oods}
         #: OOD set -> kept class indices (ImageNet-A/R: their 200 classes), see :func:`oodens.data.classes`
         self.masks = resolve_masks(self.oods, self.benchmark.num_classes, {**declared, **(class_masks or {})})
+        from oodens.detectors.feature import set_bank_device
+
+        set_bank_device(device)  # knn/nnguide banks where the networks run (float16 over the GPUs with CUDA)
         self.run_options = {"batch_size": batch_size, "device": device, "workers": workers, "precision": precision,
                             "channels_last": channels_last, "compile": compile,
                             "modes_at_once": modes_at_once,  # networks run per decoded batch (None: all)
@@ -565,10 +568,19 @@ class Experiment:
         return {"validation": out}
 
     def settings(self) -> dict:
-        """What identifies this experiment in the results store."""
-        return {"benchmark": self.benchmark.name, "modes": str(self.modes.path.resolve()), "arch": self.modes.arch,
-                "checkpoints": {m.name: m.sha256 for m in self.modes}, "preset": self.modes[0].preset,
-                "fit_fraction": self.fit_fraction, "precision": self.run_options["precision"]}
+        """What identifies this experiment in the results store (the decoder only where image lists are decoded
+        on the GPU: other pixels, other numbers)."""
+        out = {"benchmark": self.benchmark.name, "modes": str(self.modes.path.resolve()), "arch": self.modes.arch,
+               "checkpoints": {m.name: m.sha256 for m in self.modes}, "preset": self.modes[0].preset,
+               "fit_fraction": self.fit_fraction, "precision": self.run_options["precision"]}
+        if self.run_options["decode"] != "cpu":
+            from oodens.runtime.device import resolve_device
+            from oodens.views.decode import decodes_on_gpu, resolve_decode
+
+            decode = resolve_decode(self.run_options["decode"], resolve_device(self.run_options["device"]))
+            if any(decodes_on_gpu(s, decode) for s in [self.benchmark.id_test, *self.oods.values()]):
+                out["decoder"] = "nvjpeg"
+        return out
 
 
 # --------------------------------------------------------------------------- results

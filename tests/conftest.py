@@ -22,6 +22,17 @@ def _isolated_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("OODENS_CACHE", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _host_banks():
+    """knn/nnguide banks on the host (float32, faiss) in every test, whatever GPU the machine has: the tests' exact
+    expectations are the host's; the GPU bank is tested on its own (tests/test_gpu_paths.py)."""
+    from oodens.detectors import feature
+
+    feature.set_bank_device("cpu")
+    yield
+    feature.set_bank_device("cpu")
+
+
 @pytest.fixture
 def two_modes(tmp_path) -> Path:
     """A mode set with two of the shipped digits modes (seed-1000, seed-1100)."""

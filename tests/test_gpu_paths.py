@@ -172,3 +172,57 @@ def test_bank_device_setting():
         F.set_bank_device("auto")
     devices = F._bank_devices()  # auto: every visible GPU, else the host
     assert devices is None if not torch.cuda.is_available() else len(devices) == torch.cuda.device_count()
+
+
+def test_the_results_store_tells_gpu_decoded_runs_apart(photos, tmp_path, monkeypatch):
+    """A run whose image lists are decoded on the GPU is another run in the store (its settings name the decoder);
+    CPU decoding and sets without image lists keep the settings they had."""
+    import oodens
+    from oodens.api import Experiment
+
+    monkeypatch.setattr(D, "resolve_decode", lambda decode, dev: "gpu" if decode != "cpu" else "cpu")
+    plain = oodens.Experiment(None, None, cache_dir=tmp_path / "c", device="cpu", decode="gpu")
+    assert "decoder" not in plain.settings()  # digits: arrays, nothing to decode
+    photos_set = {"photos": image_folder("photos", "test", photos, labelled=False)}
+    monkeypatch.setattr(Experiment, "oods", property(lambda self: photos_set))
+    gpu = oodens.Experiment(None, None, cache_dir=tmp_path / "c", device="cpu", decode="gpu")
+    cpu = oodens.Experiment(None, None, cache_dir=tmp_path / "c", device="cpu", decode="cpu")
+    assert gpu.settings() == {**cpu.settings(), "decoder": "nvjpeg"}
+
+
+def test_an_experiment_puts_its_banks_where_its_networks_run():
+    """Experiment(device=...) sets where knn/nnguide banks live, as the CLI's --device does; devices without banks
+    of their own (mps) use the host's."""
+    import oodens
+
+    try:
+        oodens.Experiment(None, None, device="cpu")
+        assert F._BANK["device"] == "cpu" and F._bank_devices() is None
+        F.set_bank_device("mps")
+        assert F._BANK["device"] == "cpu"
+    finally:
+        F.set_bank_device("auto")
+
+
+def test_a_gpu_bank_above_the_memory_cap_takes_the_hosts_path(monkeypatch, tmp_path):
+    """--knn-memory caps a bank wherever it would live: float16 rows over the cap are searched from the host's
+    file, with the host's exact results."""
+    monkeypatch.setattr(F, "_bank_devices", lambda: [CPU])
+    x = _unit(1000, 16, 5)
+    try:
+        F.set_bank_memory(1000 * 16 * 2 - 1, tmp_path / "banks")
+        assert isinstance(F.build_bank(1000, 16, [x]), np.memmap)
+        F.set_bank_memory(1000 * 16 * 2, tmp_path / "banks")
+        assert isinstance(F.build_bank(1000, 16, [x]), F.DeviceBank)
+    finally:
+        F.set_bank_memory(None)
+
+
+def test_an_empty_jpeg_is_one_error_naming_it(tmp_path):
+    from oodens.data.sources import LoadError
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "empty.jpg").write_bytes(b"")
+    src = image_folder("e", "test", tmp_path / "e", labelled=False)
+    with pytest.raises(LoadError, match=r"cannot read image .*empty\.jpg: an empty file"):
+        list(D.gpu_batches(src, [PRESETS["cifar"]], 4, 0, CPU))

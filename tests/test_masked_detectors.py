@@ -406,3 +406,17 @@ def test_multi_layer_mahalanobis_seeks_the_nearest_kept_class_in_each_layer():
         want = want + (layer_score(f, test.extra[lid][name], kept) - full.mean()) / full.std()
     got = det.score(mask_views(test, kept, labels_are_positions=False))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_refit_strategies_carry_the_mask(data):
+    """concat and mean-features (mahalanobis' and rmds' ensembles) keep the set's classes: the concatenated
+    model's nearest class is a kept one, as each member's is; members with different masks are refused."""
+    from oodens.ensemble.strategies import concat, mean_features
+
+    _, test = data
+    det = DETECTORS["mahalanobis"]()
+    a, b = masked(test), masked(test)
+    assert np.array_equal(concat([a, b], det).kept, KEPT) and np.array_equal(mean_features([a, b], det).kept, KEPT)
+    assert concat([test, test], det).kept is None
+    with pytest.raises(OodensError, match="keep different classes"):
+        concat([a, mask_views(test, [0, 1], labels_are_positions=False)], det)

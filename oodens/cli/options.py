@@ -60,8 +60,8 @@ DecodeOpt = typer.Option("cpu", "--decode", help="Where image lists' JPEGs are d
                          "as published results), gpu (batched nvJPEG on the CUDA device: other pixels, other "
                          "cached views) or auto (gpu on a CUDA device).")
 KnnMemoryOpt = typer.Option(None, "--knn-memory", help="Memory cap of each knn/nnguide/relation train bank, e.g. "
-                            "8GB: a larger bank is written to <cache-dir>/banks and searched block by block (same "
-                            "scores). Default: no cap.", show_default=False)
+                            "8GB (GPU banks too): a larger bank is written to <cache-dir>/banks and searched block "
+                            "by block on the CPU (same scores). Default: no cap.", show_default=False)
 
 
 def names(spec: Optional[str]) -> list[str]:

@@ -63,7 +63,8 @@ def parse_size(text) -> int:
 def set_bank_memory(memory=None, folder: str | Path | None = None) -> None:
     """Cap the memory of the train banks that knn and nnguide keep (a size: ``"8GB"``, bytes; None: no cap).
     A bank above the cap is written once to ``folder`` (default: ``<default cache>/banks``; the CLI uses
-    ``<--cache-dir>/banks``) and searched block by block with exactly the in-memory search's results."""
+    ``<--cache-dir>/banks``) and searched block by block with exactly the in-memory search's results. The cap
+    holds wherever the bank would live: a GPU bank (float16, n x D x 2 bytes) above it takes that host path."""
     _BANK["memory"] = None if memory in (None, "", 0) else parse_size(memory)
     _BANK["folder"] = None if folder is None else Path(folder)
 
@@ -75,7 +76,8 @@ def bank_memory() -> int | None:
 def set_bank_device(device: str | None = "auto") -> None:
     """Where the knn/nnguide banks live and are searched: ``cpu`` (faiss, in memory or on disk under the cap),
     ``cuda`` or ``auto`` with CUDA available (a :class:`DeviceBank`: float16 rows sharded over every visible CUDA
-    device), ``cuda:N`` (that device alone). The CLI sets it from ``--device``."""
+    device), ``cuda:N`` (that device alone); other devices (mps, xpu) use the host's banks. The CLI's ``--device``
+    and :class:`oodens.Experiment`'s ``device`` set it."""
     import torch
 
     device = "auto" if device is None else str(device)
@@ -84,8 +86,8 @@ def set_bank_device(device: str | None = "auto") -> None:
             dev = torch.device(device)
         except RuntimeError:
             raise OodensError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise OodensError(f"--device {device!r}: knn banks live on cpu or cuda devices")
+        if dev.type != "cuda":  # cpu, and devices without a bank of their own (mps, xpu): the host's banks
+            device = "cpu"
     _BANK["device"] = device
 
 
@@ -212,10 +214,10 @@ def build_bank(n: int, d: int, blocks: Iterable[np.ndarray], searched: bool = Tr
     :func:`bank_memory`, written once (sequential writes, never resident) to a ``.npy`` file in the bank folder
     and returned memory-mapped read-only (the file is removed when the array is no longer referenced).
     ``searched=False``: a bank read block by block as an array (relation's), never a :class:`DeviceBank`."""
-    devices = _bank_devices() if searched else None
-    if devices is not None:
-        return DeviceBank(n, d, blocks, devices)
     cap = bank_memory()
+    devices = _bank_devices() if searched else None
+    if devices is not None and (cap is None or n * d * 2 <= cap):  # a float16 bank above the cap: the host's path
+        return DeviceBank(n, d, blocks, devices)
     if cap is None or n * d * 4 <= cap:
         bank = np.empty((n, d), dtype=np.float32)
         s = 0

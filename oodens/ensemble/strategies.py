@@ -56,10 +56,19 @@ def whole_ensemble(dets: list[Detector], views: list[Views]) -> np.ndarray:
     return dets[0].score_ensemble(views)
 
 
+def _kept(members: list[Views]):
+    """The members' kept classes on a class-masked set (the same for every member), else None."""
+    kept = [None if v.kept is None else tuple(np.asarray(v.kept).tolist()) for v in members]
+    if len(set(kept)) > 1:
+        raise OodensError("the members' views keep different classes of a class-masked set: expected one mask")
+    return members[0].kept
+
+
 def concat(members: list[Views], detector: Detector) -> Views:
-    """h_ens = [t(h_1), ..., t(h_N)], t the detector's per-member transform (L2 norm for knn)."""
+    """h_ens = [t(h_1), ..., t(h_N)], t the detector's per-member transform (L2 norm for knn); a class-masked set's
+    kept classes carried along."""
     return Views(features=np.concatenate([detector.member_features(v.features) for v in members], axis=1),
-                 labels=_labels(members))
+                 labels=_labels(members), kept=_kept(members))
 
 
 def mean_features(members: list[Views], detector: Detector) -> Views:
@@ -70,7 +79,7 @@ def mean_features(members: list[Views], detector: Detector) -> Views:
                           f"the members' features are {', '.join(map(str, widths))}-d (a set of mixed "
                           f"architectures): expected concat or mean-scores")
     return Views(features=np.mean([np.asarray(v.features, dtype=np.float32) for v in members], axis=0),
-                 labels=_labels(members))
+                 labels=_labels(members), kept=_kept(members))
 
 
 # --------------------------------------------------------------------------- score aggregators

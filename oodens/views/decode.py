@@ -83,9 +83,12 @@ class _Files(Dataset):
         path, label = self.source.items[i]
         if Path(path).suffix.lower() in JPEG_SUFFIXES:
             try:
-                return (True, torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), i), label
+                data = Path(path).read_bytes()
             except OSError as e:
                 raise LoadError(f"cannot read image {path}: {e.strerror or e} (expected a readable file)") from None
+            if not data:
+                raise LoadError(f"cannot read image {path}: an empty file (expected a JPEG image)")
+            return (True, torch.frombuffer(bytearray(data), dtype=torch.uint8), i), label
         return (False, _cpu_decode(self.source, i, self.channels), i), label
 
     def __getitem__(self, i):
