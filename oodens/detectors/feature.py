@@ -141,6 +141,13 @@ class DeviceBank:
     def __len__(self):
         return self.shape[0]
 
+    def rows(self, rows: slice) -> np.ndarray:
+        """Rows ``rows`` of the bank (as stored) as float32 on the host."""
+        start, stop, _ = rows.indices(len(self))
+        parts = [shard[max(start, off) - off : min(stop, off + len(shard)) - off].float().cpu().numpy()
+                 for shard, off in zip(self.shards, self.offsets) if max(start, off) < min(stop, off + len(shard))]
+        return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), dtype=np.float32)
+
     def search(self, q: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
         """(values, indices) of the k nearest rows of each query: the largest inner products (``largest``) or the
         smallest squared L2 distances, each row sorted best first."""

@@ -69,15 +69,7 @@ def _f64(a: np.ndarray) -> np.ndarray:
 def _bank_rows(bank, rows: slice) -> np.ndarray:
     """Rows of a bank (:func:`oodens.detectors.feature.build_bank`: an array, a memory map or a
     :class:`~oodens.detectors.feature.DeviceBank`) as float32 on the host."""
-    if not isinstance(bank, DeviceBank):
-        return np.asarray(bank[rows], dtype=np.float32)
-    start, stop, _ = rows.indices(len(bank))
-    parts = []
-    for shard, off in zip(bank.shards, bank.offsets):
-        a, b = max(start, off), min(stop, off + len(shard))
-        if a < b:
-            parts.append(shard[a - off : b - off].float().cpu().numpy())
-    return np.concatenate(parts) if parts else np.empty((0, bank.shape[1]), dtype=np.float32)
+    return bank.rows(rows) if isinstance(bank, DeviceBank) else np.asarray(bank[rows], dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- residual

@@ -227,7 +227,7 @@ def _compute_into(members: list[Member], *, source: DataSource, writers: dict[st
         on_batch()
 
 
-def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec, precision: str = "fp32") -> dict:
+def _meta(mode: Mode, dataset: dict, preset: dict, spec: ViewSpec, precision: str = "fp32") -> dict:
     return {
         "precision": precision,
         "mode": mode.name,
@@ -236,7 +236,7 @@ def _meta(mode: Mode, dataset: dict, preset, spec: ViewSpec, precision: str = "f
         "arch": mode.arch,
         "num_outputs": mode.num_outputs,
         "dataset": dataset,
-        "preset": preset if isinstance(preset, dict) else preset.identity(),
+        "preset": preset,
         "view": spec.identity(),
         "oodens_version": __version__,
     }
@@ -334,7 +334,7 @@ def extract(
                             if not problem.missing:
                                 _report(mode, "head", problem)
                                 cache.discard(head)
-                            _write_head(model, head, _meta(mode, HEAD_SOURCE, preset, HEAD), cache)
+                            _write_head(model, head, _meta(mode, HEAD_SOURCE, preset.identity(), HEAD), cache)
             for j, src in enumerate(sources):
                 jobs = [(mode, todo[mode.name][j]) for mode in group if j in todo.get(mode.name, {})]
                 if not jobs:
